@@ -1,0 +1,1 @@
+"""Swarm Core: asynchronous RPC core for IoT fleets."""

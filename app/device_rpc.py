@@ -1,0 +1,191 @@
+"""Device requests as web-like routes.
+
+`@rpc.method("tasks/{task_id}/result", ResultParams)` declares one durable quorum queue bound to
+`amq.topic` with `dev.*.up.rpc.tasks.*.result`; path parameters (always `device_id`, plus those
+of the pattern) come from the routing key, which RabbitMQ's topic ACL makes trustworthy. The
+handler gets a typed request and returns a pydantic model (or None); the wrapper publishes it as
+the reply on `dev/{id}/down/rpc`.
+
+What can go wrong with a message, and what happens:
+- not JSON, not an envelope, params of the wrong shape, too large: an `invalid` error reply;
+- an expected problem (AppError: not_found, conflict...): an error reply with its code;
+- the database or broker unreachable: the message is held and retried until they are back;
+- anything else (a bug): redelivered up to the queue's delivery limit, then an `internal`
+  error reply and the message is dead-lettered to `swarm.dead-letter`; the consumer lives on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import orjson
+from faststream import AckPolicy
+from faststream.rabbit import QueueType, RabbitBroker, RabbitQueue, RabbitRouter
+from faststream.rabbit.annotations import RabbitMessage
+from pydantic import BaseModel, ValidationError
+
+from app.broker import AMQ_TOPIC, DEAD_LETTER_EXCHANGE, publish_to_device
+from app.errors import INFRASTRUCTURE_ERRORS, AppError
+from swarm_device.protocol import REQUEST_ID_MAX_LENGTH, ErrorCode, Request, reply_topic
+
+log = logging.getLogger(__name__)
+
+P = TypeVar("P", bound=BaseModel)
+
+MAX_REQUEST_BYTES = 256 * 1024
+# Deliveries of one message before it is parked in the dead-letter queue.
+DELIVERY_LIMIT = 5
+_PATH_PARAM = re.compile(r"\{(\w+)\}")
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRequest(Generic[P]):
+    device_id: str
+    request_id: str
+    params: P
+    path: dict[str, str]
+
+
+Handler = Callable[[DeviceRequest[P]], Awaitable[BaseModel | None]]
+
+
+class RequestRejected(Exception):
+    """The message cannot be handled as a request; answered with `invalid`."""
+
+    def __init__(self, message: str, request_id: str | None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
+def queue_for(pattern: str) -> RabbitQueue:
+    """`tasks/{task_id}/result` -> queue `swarm.rpc.tasks.result`, key `dev.{device_id}.up.rpc.tasks.{task_id}.result`."""
+    name = "swarm.rpc." + ".".join(p for p in pattern.split("/") if not _PATH_PARAM.fullmatch(p))
+    return RabbitQueue(
+        name,
+        durable=True,
+        queue_type=QueueType.QUORUM,
+        routing_key="dev.{device_id}.up.rpc." + pattern.replace("/", "."),
+        arguments={"x-delivery-limit": DELIVERY_LIMIT, "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE.name},
+    )
+
+
+def parse_request(body: bytes, params_model: type[P]) -> tuple[str, P]:
+    """The request id and typed params of a raw body, or RequestRejected saying what is wrong."""
+    if len(body) > MAX_REQUEST_BYTES:
+        raise RequestRejected(f"request exceeds {MAX_REQUEST_BYTES} bytes", None)
+    try:
+        raw = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise RequestRejected("request is not valid JSON", None) from None
+    try:
+        envelope = Request.model_validate(raw)
+    except ValidationError as exc:
+        raise RequestRejected(f"request envelope is invalid: {_first_error(exc)}", _salvage_id(raw)) from None
+    try:
+        return envelope.id, params_model.model_validate(envelope.params)
+    except ValidationError as exc:
+        raise RequestRejected(f"params are invalid: {_first_error(exc)}", envelope.id) from None
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    location = ".".join(str(part) for part in error["loc"]) or "body"
+    return f"{location}: {error['msg']}"
+
+
+def _salvage_id(raw: Any) -> str | None:
+    """The id of a broken request, if it has a usable one, so the device can match the error."""
+    request_id = raw.get("id") if isinstance(raw, dict) else None
+    return request_id if isinstance(request_id, str) and 0 < len(request_id) <= REQUEST_ID_MAX_LENGTH else None
+
+
+def encode_reply(request_id: str | None, result: BaseModel | None = None, error: tuple[ErrorCode, str] | None = None) -> bytes:
+    if error is not None:
+        code, message = error
+        return orjson.dumps({"id": request_id, "error": {"code": code.value, "message": message}})
+    payload = result.model_dump(mode="json") if result is not None else None
+    return orjson.dumps({"id": request_id, "result": payload})
+
+
+class DeviceRpcRouter:
+    """Registers device methods on a FastStream RabbitRouter."""
+
+    def __init__(self, broker: RabbitBroker) -> None:
+        self.router = RabbitRouter()
+        self._broker = broker
+
+    def method(self, pattern: str, params: type[P]) -> Callable[[Handler[P]], Handler[P]]:
+        def register(handler: Handler[P]) -> Handler[P]:
+            async def consume(message: RabbitMessage) -> None:
+                await self._handle(message, handler, params)
+
+            self.router.subscriber(
+                queue_for(pattern),
+                AMQ_TOPIC,
+                ack_policy=AckPolicy.MANUAL,
+                no_reply=True,
+                title=f"dev/{{device_id}}/up/rpc/{pattern}",
+                description=handler.__doc__,
+            )(consume)
+            return handler
+
+        return register
+
+    async def _handle(self, message: RabbitMessage, handler: Handler[P], params_model: type[P]) -> None:
+        device_id = str(message.path["device_id"])
+        request_id: str | None = None
+        try:
+            request_id, params = parse_request(message.body, params_model)
+            request = DeviceRequest(device_id, request_id, params, {k: str(v) for k, v in message.path.items()})
+            result = await self._call_until_infrastructure_answers(handler, request)
+            reply = encode_reply(request_id, result=result)
+        except RequestRejected as exc:
+            reply = encode_reply(exc.request_id, error=(ErrorCode.INVALID, str(exc)))
+        except AppError as exc:
+            reply = encode_reply(request_id, error=(exc.code, exc.detail))
+        except Exception:
+            if _deliveries(message) + 1 < DELIVERY_LIMIT:
+                log.exception("request from %s failed; it will be redelivered", device_id)
+                await message.nack(requeue=True)
+                return
+            log.exception("request from %s failed %d times; dead-lettering it", device_id, DELIVERY_LIMIT)
+            await self._reply(message, device_id, encode_reply(request_id, error=(ErrorCode.INTERNAL, "internal error")))
+            await message.reject(requeue=False)
+            return
+        await self._reply(message, device_id, reply)
+        await message.ack()
+
+    async def _call_until_infrastructure_answers(self, handler: Handler[P], request: DeviceRequest[P]) -> BaseModel | None:
+        delay = 0.2
+        while True:
+            try:
+                return await handler(request)
+            except INFRASTRUCTURE_ERRORS as exc:
+                # Not the message's fault: hold it (unacknowledged) until the database is back.
+                log.warning("handling a request of %s failed on infrastructure (%r); retrying", request.device_id, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _reply(self, message: RabbitMessage, device_id: str, body: bytes) -> None:
+        # MQTT 5 Response Topic arrives as reply_to; honour it only inside the device's own down-topics.
+        own_prefix = f"dev.{device_id}.down."
+        routing_key = message.reply_to if message.reply_to.startswith(own_prefix) else None
+        await publish_to_device(
+            self._broker,
+            reply_topic(device_id),
+            body,
+            message_id=message.message_id,
+            correlation_id=message.correlation_id if routing_key else None,
+            routing_key=routing_key,
+        )
+
+
+def _deliveries(message: RabbitMessage) -> int:
+    """How often this message was delivered before (quorum queues count it in x-delivery-count)."""
+    count = message.headers.get("x-delivery-count", 0)
+    return int(count) if isinstance(count, int) else 0

@@ -1,0 +1,1 @@
+"""Devices: enrolment, broker identity, presence."""

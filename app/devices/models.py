@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ForeignKey, String, text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.db import Base, Timestamped
+
+
+class Device(Timestamped, Base):
+    __tablename__ = "devices"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    firmware: Mapped[str | None] = mapped_column(String(128))
+    model: Mapped[str | None] = mapped_column(String(128))
+    capabilities: Mapped[list[str]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
+    online: Mapped[bool] = mapped_column(server_default=text("false"))
+    last_seen_at: Mapped[datetime | None]
+    hello_at: Mapped[datetime | None]
+    reported_state: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    reported_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+
+class DeviceCertificate(Base):
+    """Every certificate issued to a device; a revoked device's serials stay recorded as revoked."""
+
+    __tablename__ = "device_certificates"
+
+    serial: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), index=True)
+    fingerprint_sha256: Mapped[str] = mapped_column(String(64))
+    not_after: Mapped[datetime]
+    created_at: Mapped[datetime] = mapped_column(server_default=text("now()"))
+    revoked_at: Mapped[datetime | None]

@@ -1,0 +1,97 @@
+"""SQL for devices: plain async functions, SQL in, ORM objects out. Never commits."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.devices.models import Device, DeviceCertificate
+
+
+async def get_device(session: AsyncSession, device_id: str, *, lock: bool = False) -> Device | None:
+    stmt = select(Device).where(Device.id == device_id)
+    if lock:
+        stmt = stmt.with_for_update()
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def insert_device_if_absent(session: AsyncSession, device_id: str) -> Device:
+    await session.execute(insert(Device).values(id=device_id).on_conflict_do_nothing(index_elements=[Device.id]))
+    device = await get_device(session, device_id)
+    assert device is not None
+    return device
+
+
+async def list_devices(
+    session: AsyncSession, *, online: bool | None, after: str | None, limit: int, include_revoked: bool = False
+) -> Sequence[Device]:
+    stmt = select(Device).order_by(Device.id).limit(limit)
+    if online is not None:
+        stmt = stmt.where(Device.online.is_(online))
+    if not include_revoked:
+        stmt = stmt.where(Device.revoked_at.is_(None))
+    if after is not None:
+        stmt = stmt.where(Device.id > after)
+    return (await session.execute(stmt)).scalars().all()
+
+
+async def active_device_ids(session: AsyncSession) -> set[str]:
+    return set((await session.execute(select(Device.id).where(Device.revoked_at.is_(None)))).scalars())
+
+
+async def record_hello(session: AsyncSession, device_id: str, firmware: str, model: str, capabilities: list[str]) -> Device:
+    stmt = (
+        update(Device)
+        .where(Device.id == device_id)
+        .values(
+            firmware=firmware,
+            model=model,
+            capabilities=capabilities,
+            hello_at=func.now(),
+            last_seen_at=func.now(),
+            online=True,
+            updated_at=func.now(),
+        )
+        .returning(Device)
+        .execution_options(synchronize_session=False, populate_existing=True)
+    )
+    device = (await session.execute(stmt)).scalar_one_or_none()
+    if device is None:
+        raise LookupError(device_id)
+    return device
+
+
+async def record_state(session: AsyncSession, device_id: str, reported: dict[str, Any]) -> None:
+    await session.execute(
+        update(Device)
+        .where(Device.id == device_id)
+        .values(reported_state=reported, reported_at=func.now(), last_seen_at=func.now(), updated_at=func.now())
+    )
+
+
+async def set_presence(session: AsyncSession, device_ids: Sequence[str], online: bool, at: datetime) -> None:
+    if device_ids:
+        await session.execute(
+            update(Device)
+            .where(Device.id.in_(device_ids))
+            .values(online=online, last_seen_at=at, updated_at=func.now())
+            .execution_options(synchronize_session=False)
+        )
+
+
+async def add_certificate(session: AsyncSession, certificate: DeviceCertificate) -> None:
+    session.add(certificate)
+    await session.flush()
+
+
+async def revoke_certificates(session: AsyncSession, device_id: str) -> None:
+    await session.execute(
+        update(DeviceCertificate)
+        .where(DeviceCertificate.device_id == device_id, DeviceCertificate.revoked_at.is_(None))
+        .values(revoked_at=func.now())
+    )

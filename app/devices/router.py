@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Response, status
+
+from app.dependencies import RuntimeDep
+from app.devices import service
+from app.devices.schemas import CertificateIssued, CertificateRequest, DeviceCreate, DevicePage, DeviceRead
+from swarm_device.protocol import DEVICE_ID_PATTERN
+
+router = APIRouter(prefix="/devices", tags=["devices"])
+
+DeviceIdPath = Annotated[str, Path(pattern=DEVICE_ID_PATTERN, description="The device id (certificate CN).")]
+
+
+@router.post("", status_code=status.HTTP_201_CREATED)
+async def create_device(body: DeviceCreate, runtime: RuntimeDep, response: Response) -> DeviceRead:
+    """Enrol a device: its record and its broker user (certificate login only). Idempotent."""
+    device, created = await service.enrol_device(runtime.sessions, runtime.broker_admin, body.id)
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return device
+
+
+@router.get("")
+async def list_devices(
+    runtime: RuntimeDep,
+    online: bool | None = None,
+    cursor: Annotated[str | None, Query(pattern=DEVICE_ID_PATTERN)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> DevicePage:
+    items, next_cursor = await service.list_devices(runtime.sessions, online=online, cursor=cursor, limit=limit)
+    return DevicePage(items=items, next_cursor=next_cursor)
+
+
+@router.get("/{device_id}")
+async def get_device(device_id: DeviceIdPath, runtime: RuntimeDep) -> DeviceRead:
+    return await service.get_device(runtime.sessions, device_id)
+
+
+@router.delete("/{device_id}")
+async def revoke_device(device_id: DeviceIdPath, runtime: RuntimeDep) -> DeviceRead:
+    """Revoke: broker user removed, connections closed, open tasks canceled, certificates revoked."""
+    return await service.revoke_device(runtime.sessions, runtime.broker_admin, runtime.notifier, device_id)
+
+
+@router.post("/{device_id}/certificate", status_code=status.HTTP_201_CREATED)
+async def issue_certificate(device_id: DeviceIdPath, body: CertificateRequest, runtime: RuntimeDep) -> CertificateIssued:
+    """Sign the device's CSR (its CN is forced to the device id) or make a key pair for it."""
+    return await service.issue_certificate(runtime.sessions, runtime.ca, runtime.settings, device_id, body.csr_pem)

@@ -1,0 +1,92 @@
+"""The one place that starts and stops resources, in order, and yields the typed Runtime."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import TypedDict
+
+from fastapi import FastAPI
+
+from app import pki
+from app.broker import create_broker, declare_dead_letter_path
+from app.db import create_engine, create_sessionmaker
+from app.dependencies import Runtime
+from app.device_rpc import DeviceRpcRouter
+from app.devices import messaging as device_messaging
+from app.devices import service as devices
+from app.devices.broker_admin import BrokerAdmin
+from app.errors import BrokerAdminError
+from app.scheduler import create_scheduler
+from app.settings import Settings
+from app.tasks import messaging as task_messaging
+from app.tasks.notifier import Notifier
+from app.tasks.waiters import TaskWaiters, asyncpg_dsn
+
+log = logging.getLogger(__name__)
+
+
+class State(TypedDict):
+    runtime: Runtime
+
+
+@contextlib.asynccontextmanager
+async def run_resources(settings: Settings) -> AsyncIterator[Runtime]:
+    """Engine -> sessions -> broker (subscribers) -> notifier, waiters -> scheduler; stop in reverse."""
+    engine = create_engine(settings.database)
+    sessions = create_sessionmaker(engine)
+    broker = create_broker(settings.broker)
+    rpc = DeviceRpcRouter(broker)
+    task_messaging.register(rpc, sessions)
+    device_messaging.register(rpc, sessions)
+    broker.include_router(rpc.router)
+    runtime = Runtime(
+        settings=settings,
+        engine=engine,
+        sessions=sessions,
+        broker=broker,
+        notifier=Notifier(broker, sessions),
+        waiters=TaskWaiters(asyncpg_dsn(settings.database.url.get_secret_value())),
+        broker_admin=BrokerAdmin.from_settings(settings.broker),
+        ca=pki.load_ca_files(settings.pki.ca_cert_file, settings.pki.ca_key_file),
+    )
+    scheduler = create_scheduler(runtime)
+    try:
+        await broker.connect()
+        await declare_dead_letter_path(broker)
+        await broker.start()
+        runtime.notifier.start()
+        runtime.waiters.start()
+        await _reconcile(runtime)
+        if settings.scheduler.enabled:
+            scheduler.start()
+        yield runtime
+    finally:
+        if scheduler.running:
+            scheduler.shutdown(wait=False)
+        await runtime.waiters.stop()
+        await runtime.notifier.stop()
+        await broker.stop()
+        await runtime.broker_admin.aclose()
+        await engine.dispose()
+
+
+async def _reconcile(runtime: Runtime) -> None:
+    # A broker that lost users (or kept revoked ones) is repaired at start; not fatal if it fails.
+    try:
+        provisioned, removed = await devices.reconcile_broker_users(runtime.sessions, runtime.broker_admin)
+    except BrokerAdminError as exc:
+        log.warning("broker user reconciliation skipped: %s", exc)
+        return
+    if provisioned or removed:
+        log.info("broker users reconciled: %d provisioned, %d removed", provisioned, removed)
+
+
+def lifespan_for(settings: Settings) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[State]]:
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[State]:
+        async with run_resources(settings) as runtime:
+            yield {"runtime": runtime}
+
+    return lifespan

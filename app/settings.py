@@ -1,0 +1,73 @@
+"""One nested settings object, read from APP_* variables (`__` nests): APP_DATABASE__URL, ..."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class DatabaseSettings(BaseModel):
+    url: SecretStr = SecretStr("postgresql+asyncpg://swarm@127.0.0.1:35432/swarm")
+    pool_size: int = 20
+    max_overflow: int = 10
+    # Seconds a request waits for a connection or a statement before the API answers 503.
+    timeout_s: float = 5.0
+
+
+class BrokerSettings(BaseModel):
+    # The core connects over AMQPS with its own certificate (SASL EXTERNAL): no password.
+    url: str = "amqps://127.0.0.1:35671/devices"
+    ca_file: Path = Path(".run/dev/pki/ca.crt")
+    cert_file: Path = Path(".run/dev/pki/core.crt")
+    key_file: Path = Path(".run/dev/pki/core.key")
+    devices_vhost: str = "devices"
+    management_url: str = "http://127.0.0.1:35673"
+    management_user: str = "swarm-admin"
+    management_password: SecretStr = SecretStr("")
+    # Where devices connect; only shown to operators and handed to the simulator.
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 35883
+    # Messages a consumer may hold unacknowledged, per queue.
+    prefetch: int = 64
+
+
+class PkiSettings(BaseModel):
+    ca_cert_file: Path = Path(".run/dev/pki/ca.crt")
+    ca_key_file: Path = Path(".run/dev/pki/ca.key")
+    device_cert_days: int = 825
+
+
+class TaskSettings(BaseModel):
+    default_timeout_s: int = 300
+    default_max_attempts: int = 3
+    max_params_bytes: int = 256 * 1024
+    # A notice whose publish was not confirmed within this many seconds is sent again.
+    notice_retry_after_s: float = 10.0
+    long_poll_max_s: float = 60.0
+
+
+class SchedulerSettings(BaseModel):
+    enabled: bool = True
+    deadlines_interval_s: float = 2.0
+    expiry_interval_s: float = 5.0
+    notices_interval_s: float = 5.0
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="APP_", env_nested_delimiter="__", extra="ignore")
+
+    instance_name: str = "swarm-core"
+    database: DatabaseSettings = DatabaseSettings()
+    broker: BrokerSettings = BrokerSettings()
+    pki: PkiSettings = PkiSettings()
+    tasks: TaskSettings = TaskSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """Settings for the entry points (uvicorn factory, alembic); everything else gets them passed in."""
+    return Settings()

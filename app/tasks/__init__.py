@@ -1,0 +1,1 @@
+"""Tasks: the commands the control center sends to devices, and their lifecycle."""

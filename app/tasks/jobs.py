@@ -1,0 +1,26 @@
+"""Bodies of the periodic task jobs: thin, safe to run in every replica at once (SKIP LOCKED)."""
+
+from __future__ import annotations
+
+import logging
+
+from app.dependencies import Runtime
+from app.tasks import service
+
+log = logging.getLogger(__name__)
+
+
+async def enforce_deadlines(runtime: Runtime) -> None:
+    if count := await service.time_out_overdue(runtime.sessions, runtime.notifier):
+        log.info("%d in-progress tasks passed their deadline", count)
+
+
+async def expire_tasks(runtime: Runtime) -> None:
+    if count := await service.expire_pending(runtime.sessions):
+        log.info("%d pending tasks expired", count)
+
+
+async def resend_notices(runtime: Runtime) -> None:
+    older_than = runtime.settings.tasks.notice_retry_after_s
+    if count := await service.resend_notices(runtime.sessions, runtime.notifier, older_than):
+        log.info("re-sending %d notices that were never confirmed", count)

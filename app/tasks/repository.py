@@ -1,0 +1,202 @@
+"""SQL for tasks: plain async functions, SQL in, ORM objects out. Never commits."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, func, literal_column, or_, select, tuple_, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.tasks.models import Task, TaskEvent
+from app.tasks.schemas import TaskFilter
+from swarm_device.protocol import PENDING_STATUSES, TaskStatus
+
+_PENDING = [s.value for s in PENDING_STATUSES]
+_ONE_SECOND = literal_column("interval '1 second'")
+
+
+def _seconds(column: Any) -> ColumnElement[Any]:
+    return column * _ONE_SECOND  # type: ignore[no-any-return]
+
+
+async def insert_task(session: AsyncSession, task: Task) -> Task:
+    session.add(task)
+    await session.flush()
+    return task
+
+
+async def get_task(session: AsyncSession, task_id: uuid.UUID, *, lock: bool = False) -> Task | None:
+    stmt = select(Task).where(Task.id == task_id)
+    if lock:
+        stmt = stmt.with_for_update()
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def get_by_idempotency_key(session: AsyncSession, device_id: str, key: str) -> Task | None:
+    stmt = select(Task).where(Task.device_id == device_id, Task.idempotency_key == key)
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def in_progress_task(session: AsyncSession, device_id: str) -> Task | None:
+    stmt = select(Task).where(Task.device_id == device_id, Task.status == TaskStatus.IN_PROGRESS)
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def claim_next(session: AsyncSession, device_id: str) -> Task | None:
+    """Hand out the device's next pending task in one statement: it becomes IN_PROGRESS."""
+    next_id = (
+        select(Task.id)
+        .where(
+            Task.device_id == device_id,
+            Task.status.in_(_PENDING),
+            or_(Task.expires_at.is_(None), Task.expires_at > func.now()),
+        )
+        .order_by(Task.priority.desc(), Task.created_at)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    stmt = (
+        update(Task)
+        .where(Task.id == next_id)
+        .values(
+            status=TaskStatus.IN_PROGRESS,
+            attempt=Task.attempt + 1,
+            version=Task.version + 1,
+            started_at=func.now(),
+            deadline_at=func.now() + _seconds(Task.timeout_s),
+            status_details=None,
+            updated_at=func.now(),
+        )
+        .returning(Task)
+        .execution_options(synchronize_session=False)
+    )
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+def set_status(task: Task, status: TaskStatus, **changes: Any) -> None:
+    """Apply a lifecycle change to a loaded (locked) task: every change bumps `version`."""
+    now = datetime.now(UTC)
+    task.status = status
+    task.version += 1
+    task.updated_at = now
+    if status.is_final:
+        task.finished_at = now
+        task.deadline_at = None
+        task.notice_due_at = None
+    for name, value in changes.items():
+        setattr(task, name, value)
+
+
+async def extend_deadline(session: AsyncSession, task: Task, status_details: dict[str, Any]) -> Task:
+    stmt = (
+        update(Task)
+        .where(Task.id == task.id)
+        .values(
+            status_details=status_details,
+            version=Task.version + 1,
+            deadline_at=func.now() + _seconds(Task.timeout_s),
+            updated_at=func.now(),
+        )
+        .returning(Task)
+        .execution_options(synchronize_session=False, populate_existing=True)
+    )
+    return (await session.execute(stmt)).scalar_one()
+
+
+async def mark_noticed(session: AsyncSession, routed: Sequence[uuid.UUID], unrouted: Sequence[uuid.UUID]) -> None:
+    """The broker confirmed these notices: routed ones make QUEUED tasks SENT; all leave the outbox."""
+    if routed:
+        await session.execute(
+            update(Task)
+            .where(Task.id.in_(routed), Task.status == TaskStatus.QUEUED)
+            .values(status=TaskStatus.SENT, version=Task.version + 1, sent_at=func.now(), updated_at=func.now())
+            .execution_options(synchronize_session=False)
+        )
+    await session.execute(
+        update(Task)
+        .where(Task.id.in_([*routed, *unrouted]), Task.notice_due_at.is_not(None))
+        .values(notice_due_at=None)
+        .execution_options(synchronize_session=False)
+    )
+
+
+async def notices_due(session: AsyncSession, older_than_s: float, limit: int) -> list[tuple[uuid.UUID, str]]:
+    """Tasks whose notice was never confirmed (publish failed, or the process died after commit)."""
+    stmt = (
+        select(Task.id, Task.device_id)
+        .where(Task.notice_due_at < func.now() - _seconds(older_than_s))
+        .order_by(Task.notice_due_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    rows = (await session.execute(stmt)).all()
+    if rows:
+        # Push the due time forward so another replica does not send the same notices at once.
+        await session.execute(
+            update(Task)
+            .where(Task.id.in_([r.id for r in rows]))
+            .values(notice_due_at=func.now())
+            .execution_options(synchronize_session=False)
+        )
+    return [(r.id, r.device_id) for r in rows]
+
+
+async def lock_overdue(session: AsyncSession, limit: int) -> Sequence[Task]:
+    stmt = (
+        select(Task)
+        .where(Task.status == TaskStatus.IN_PROGRESS, Task.deadline_at < func.now())
+        .order_by(Task.deadline_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return (await session.execute(stmt)).scalars().all()
+
+
+async def lock_expired(session: AsyncSession, limit: int) -> Sequence[Task]:
+    stmt = (
+        select(Task)
+        .where(Task.status.in_(_PENDING), Task.expires_at < func.now())
+        .order_by(Task.expires_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return (await session.execute(stmt)).scalars().all()
+
+
+async def lock_pending_of_device(session: AsyncSession, device_id: str) -> Sequence[Task]:
+    stmt = (
+        select(Task)
+        .where(Task.device_id == device_id, Task.status.in_([*_PENDING, TaskStatus.IN_PROGRESS]))
+        .with_for_update()
+    )
+    return (await session.execute(stmt)).scalars().all()
+
+
+async def list_tasks(
+    session: AsyncSession, filters: TaskFilter, after: tuple[datetime, uuid.UUID] | None, limit: int
+) -> Sequence[Task]:
+    """Newest first; `after` is the (created_at, id) of the last row of the previous page."""
+    conditions: list[ColumnElement[bool]] = []
+    if filters.device_id is not None:
+        conditions.append(Task.device_id == filters.device_id)
+    if filters.status:
+        conditions.append(Task.status.in_([s.value for s in filters.status]))
+    if filters.method is not None:
+        conditions.append(Task.method == filters.method)
+    if filters.created_after is not None:
+        conditions.append(Task.created_at >= filters.created_after)
+    if filters.created_before is not None:
+        conditions.append(Task.created_at < filters.created_before)
+    if after is not None:
+        conditions.append(tuple_(Task.created_at, Task.id) < tuple_(*after))
+    stmt = select(Task).where(and_(True, *conditions)).order_by(Task.created_at.desc(), Task.id.desc()).limit(limit)
+    return (await session.execute(stmt)).scalars().all()
+
+
+async def list_events(session: AsyncSession, task_id: uuid.UUID) -> Sequence[TaskEvent]:
+    stmt = select(TaskEvent).where(TaskEvent.task_id == task_id).order_by(TaskEvent.version)
+    return (await session.execute(stmt)).scalars().all()

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Path, Query, Response, status
+
+from app.dependencies import RuntimeDep
+from app.tasks import service
+from app.tasks.schemas import TaskCreate, TaskEventRead, TaskFilter, TaskPage, TaskRead
+from swarm_device.protocol import DEVICE_ID_PATTERN, TaskStatus
+
+router = APIRouter(tags=["tasks"])
+
+DeviceIdPath = Annotated[str, Path(pattern=DEVICE_ID_PATTERN, description="The device id (certificate CN).")]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        max_length=128,
+        description="Same key and body: the same task is returned; same key, other body: 409.",
+    ),
+]
+
+
+@router.post("/devices/{device_id}/tasks", status_code=status.HTTP_201_CREATED)
+async def create_task(
+    device_id: DeviceIdPath,
+    body: TaskCreate,
+    runtime: RuntimeDep,
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
+) -> TaskRead:
+    """Queue a task for a device. Answered only after the task is committed to the database."""
+    task, created = await service.create_task(
+        runtime.sessions, runtime.notifier, runtime.settings.tasks, device_id, body, idempotency_key
+    )
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    response.headers["Location"] = f"/api/v1/tasks/{task.id}"
+    return task
+
+
+@router.get("/tasks/{task_id}")
+async def get_task(
+    task_id: uuid.UUID,
+    runtime: RuntimeDep,
+    wait: Annotated[float, Query(ge=0, le=300, description="Long-poll: wait up to N seconds for a final state.")] = 0,
+) -> TaskRead:
+    if wait > 0:
+        wait_s = min(wait, runtime.settings.tasks.long_poll_max_s)
+        return await service.wait_until_final(runtime.sessions, runtime.waiters, task_id, wait_s)
+    return await service.get_task(runtime.sessions, task_id)
+
+
+@router.get("/tasks")
+async def list_tasks(
+    runtime: RuntimeDep,
+    device_id: Annotated[str | None, Query(pattern=DEVICE_ID_PATTERN)] = None,
+    task_status: Annotated[list[TaskStatus] | None, Query(alias="status")] = None,
+    method: str | None = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+    cursor: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> TaskPage:
+    """Tasks, newest first, with cursor pagination."""
+    filters = TaskFilter(
+        device_id=device_id,
+        status=task_status,
+        method=method,
+        created_after=created_after,
+        created_before=created_before,
+    )
+    items, next_cursor = await service.list_tasks(runtime.sessions, filters, cursor, limit)
+    return TaskPage(items=items, next_cursor=next_cursor)
+
+
+@router.post("/tasks/{task_id}/cancel")
+async def cancel_task(task_id: uuid.UUID, runtime: RuntimeDep) -> TaskRead:
+    """Cancel a task that is not final yet; the device gets a `task_canceled` notice."""
+    return await service.cancel_task(runtime.sessions, runtime.notifier, task_id)
+
+
+@router.get("/tasks/{task_id}/events")
+async def task_events(task_id: uuid.UUID, runtime: RuntimeDep) -> list[TaskEventRead]:
+    """The task's audit history: one entry per change, oldest first."""
+    events = await service.list_events(runtime.sessions, task_id)
+    return [TaskEventRead.model_validate(e) for e in events]

@@ -1,0 +1,265 @@
+"""Task lifecycle: every transition happens here, in one transaction, committed before any publish."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import logging
+import uuid
+from datetime import UTC, datetime, timedelta
+import orjson
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.devices import repository as device_repo
+from app.errors import Conflict, InvalidInput, NotFound
+from app.settings import TaskSettings
+from app.tasks import repository as repo
+from app.tasks.models import Task, TaskEvent
+from app.tasks.notifier import Notifier
+from app.tasks.schemas import TaskCreate, TaskFilter, TaskRead
+from app.tasks.waiters import TaskWaiters
+from swarm_device.protocol import PENDING_STATUSES, ProgressParams, ResultParams, TaskStatus
+
+log = logging.getLogger(__name__)
+
+Sessions = async_sessionmaker[AsyncSession]
+
+
+def to_read(task: Task) -> TaskRead:
+    return TaskRead.model_validate(task, from_attributes=True)
+
+
+def _request_hash(body: TaskCreate) -> str:
+    return hashlib.sha256(orjson.dumps(body.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+async def create_task(
+    sessions: Sessions,
+    notifier: Notifier,
+    settings: TaskSettings,
+    device_id: str,
+    body: TaskCreate,
+    idempotency_key: str | None = None,
+) -> tuple[TaskRead, bool]:
+    """Persist a task (QUEUED) and commit; only then hand its notice to the notifier.
+
+    Returns the task and whether it was created now (False: an earlier request with the same
+    Idempotency-Key and the same body created it).
+    """
+    if len(orjson.dumps(body.params)) > settings.max_params_bytes:
+        raise InvalidInput(f"params exceed {settings.max_params_bytes} bytes")
+    request_hash = _request_hash(body) if idempotency_key else None
+    now = datetime.now(UTC)
+    task = Task(
+        id=uuid.uuid4(),
+        device_id=device_id,
+        method=body.method,
+        params=body.params,
+        status=TaskStatus.QUEUED,
+        priority=body.priority,
+        attempt=0,
+        max_attempts=body.max_attempts or settings.default_max_attempts,
+        timeout_s=body.timeout_s or settings.default_timeout_s,
+        version=1,
+        created_at=now,
+        updated_at=now,
+        expires_at=now + timedelta(seconds=body.ttl_s) if body.ttl_s else None,
+        notice_due_at=now,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+    )
+    async with sessions() as session:
+        device = await device_repo.get_device(session, device_id)
+        if device is None or device.revoked_at is not None:
+            raise NotFound(f"device {device_id!r} does not exist")
+        try:
+            await repo.insert_task(session, task)
+            await session.commit()
+        except IntegrityError:
+            if idempotency_key is None:
+                raise
+            await session.rollback()
+            return await _replayed(session, device_id, idempotency_key, request_hash), False
+    notifier.task_queued(task.id, device_id)
+    return to_read(task), True
+
+
+async def _replayed(session: AsyncSession, device_id: str, key: str, request_hash: str | None) -> TaskRead:
+    existing = await repo.get_by_idempotency_key(session, device_id, key)
+    if existing is None:  # the conflicting insert was rolled back meanwhile
+        raise Conflict("a request with this Idempotency-Key is in flight; retry")
+    if existing.request_hash != request_hash:
+        raise Conflict("this Idempotency-Key was used with a different request body")
+    return to_read(existing)
+
+
+async def get_task(sessions: Sessions, task_id: uuid.UUID) -> TaskRead:
+    async with sessions() as session:
+        task = await repo.get_task(session, task_id)
+    if task is None:
+        raise NotFound(f"task {task_id} does not exist")
+    return to_read(task)
+
+
+async def list_tasks(sessions: Sessions, filters: TaskFilter, cursor: str | None, limit: int) -> tuple[list[TaskRead], str | None]:
+    after = _decode_cursor(cursor) if cursor else None
+    async with sessions() as session:
+        rows = await repo.list_tasks(session, filters, after, limit)
+    items = [to_read(t) for t in rows]
+    next_cursor = _encode_cursor(rows[-1]) if len(rows) == limit else None
+    return items, next_cursor
+
+
+def _encode_cursor(task: Task) -> str:
+    return base64.urlsafe_b64encode(f"{task.created_at.isoformat()}|{task.id}".encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        created_at, task_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
+        return datetime.fromisoformat(created_at), uuid.UUID(task_id)
+    except ValueError as exc:
+        raise InvalidInput("cursor is not valid") from exc
+
+
+async def list_events(sessions: Sessions, task_id: uuid.UUID) -> list[TaskEvent]:
+    async with sessions() as session:
+        if await repo.get_task(session, task_id) is None:
+            raise NotFound(f"task {task_id} does not exist")
+        return list(await repo.list_events(session, task_id))
+
+
+async def cancel_task(sessions: Sessions, notifier: Notifier, task_id: uuid.UUID) -> TaskRead:
+    async with sessions() as session:
+        task = await repo.get_task(session, task_id, lock=True)
+        if task is None:
+            raise NotFound(f"task {task_id} does not exist")
+        if TaskStatus(task.status).is_final:
+            raise Conflict(f"task is already {task.status}")
+        repo.set_status(task, TaskStatus.CANCELED)
+        await session.commit()
+    # Tell the device whatever the state was: it may have pulled the task just before the cancel.
+    notifier.task_canceled(task.id, task.device_id)
+    return to_read(task)
+
+
+# --- the device side -------------------------------------------------------------------------
+
+
+async def next_task(sessions: Sessions, device_id: str) -> TaskRead | None:
+    """The device's current task: its IN_PROGRESS one, else the next pending one (handed out now)."""
+    async with sessions() as session:
+        current = await repo.in_progress_task(session, device_id)
+        if current is not None:
+            return to_read(current)
+        try:
+            claimed = await repo.claim_next(session, device_id)
+            await session.commit()
+        except IntegrityError:
+            # Another consumer handed out a task to this device at the same moment: show that one.
+            await session.rollback()
+            claimed = await repo.in_progress_task(session, device_id)
+    return to_read(claimed) if claimed is not None else None
+
+
+async def _locked_task_of(session: AsyncSession, device_id: str, task_id: uuid.UUID) -> Task:
+    task = await repo.get_task(session, task_id, lock=True)
+    # Another device's task is reported as unknown: a device learns nothing about others.
+    if task is None or task.device_id != device_id:
+        raise NotFound(f"task {task_id} does not exist")
+    return task
+
+
+async def report_progress(sessions: Sessions, device_id: str, task_id: uuid.UUID, params: ProgressParams) -> TaskRead:
+    async with sessions() as session:
+        task = await _locked_task_of(session, device_id, task_id)
+        if task.status != TaskStatus.IN_PROGRESS:
+            raise Conflict(f"task is {task.status}, not in_progress")
+        task = await repo.extend_deadline(session, task, params.status_details)
+        await session.commit()
+    return to_read(task)
+
+
+async def report_result(sessions: Sessions, device_id: str, task_id: uuid.UUID, params: ResultParams) -> TaskRead:
+    async with sessions() as session:
+        task = await _locked_task_of(session, device_id, task_id)
+        status = TaskStatus(task.status)
+        if status.is_final:
+            if _same_report(task, params):
+                return to_read(task)  # a retried report: answer it again, change nothing
+            raise Conflict(f"task is already {task.status}")
+        if status in PENDING_STATUSES:
+            raise Conflict(f"task is {task.status}: it was not handed out (call tasks/next)")
+        repo.set_status(task, TaskStatus(params.status), result=params.result, error=params.error)
+        await session.commit()
+    return to_read(task)
+
+
+def _same_report(task: Task, params: ResultParams) -> bool:
+    return task.status == params.status and task.result == params.result and task.error == params.error
+
+
+# --- periodic jobs -------------------------------------------------------------------------
+
+
+async def time_out_overdue(sessions: Sessions, notifier: Notifier, batch: int = 500) -> int:
+    """IN_PROGRESS past its deadline: QUEUED again (same id, so the device can deduplicate) while
+    attempts remain, else TIMED_OUT."""
+    async with sessions() as session:
+        tasks = await repo.lock_overdue(session, batch)
+        requeued: list[Task] = []
+        for task in tasks:
+            if task.attempt < task.max_attempts:
+                repo.set_status(task, TaskStatus.QUEUED, deadline_at=None, notice_due_at=datetime.now(UTC))
+                requeued.append(task)
+            else:
+                repo.set_status(task, TaskStatus.TIMED_OUT, error={"message": "no result before the deadline"})
+        await session.commit()
+    for task in requeued:
+        notifier.task_queued(task.id, task.device_id)
+    return len(tasks)
+
+
+async def expire_pending(sessions: Sessions, batch: int = 500) -> int:
+    async with sessions() as session:
+        tasks = await repo.lock_expired(session, batch)
+        for task in tasks:
+            repo.set_status(task, TaskStatus.EXPIRED)
+        await session.commit()
+    return len(tasks)
+
+
+async def resend_notices(sessions: Sessions, notifier: Notifier, older_than_s: float, batch: int = 1000) -> int:
+    async with sessions() as session:
+        due = await repo.notices_due(session, older_than_s, batch)
+        await session.commit()
+    for task_id, device_id in due:
+        notifier.task_queued(task_id, device_id)
+    return len(due)
+
+
+async def wait_until_final(sessions: Sessions, waiters: TaskWaiters, task_id: uuid.UUID, wait_s: float) -> TaskRead:
+    """The task once final, or as it stands after wait_s seconds (long-poll)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    with waiters.watch(task_id) as finished:
+        while True:
+            task = await get_task(sessions, task_id)
+            remaining = deadline - loop.time()
+            if task.status.is_final or remaining <= 0:
+                return task
+            finished.clear()
+            # Re-read now and then even without a wake-up: notifications are a hint, not the truth.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(finished.wait(), min(remaining, 5.0))
+
+
+async def cancel_open_tasks_in(session: AsyncSession, device_id: str) -> list[uuid.UUID]:
+    """Cancel every non-final task of a device inside the caller's transaction (revocation)."""
+    tasks = await repo.lock_pending_of_device(session, device_id)
+    for task in tasks:
+        repo.set_status(task, TaskStatus.CANCELED, error={"message": "device revoked"})
+    return [task.id for task in tasks]
