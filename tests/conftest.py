@@ -1,0 +1,115 @@
+"""Shared fixtures: a real PostgreSQL and RabbitMQ (the project's `test` stack), the app in-process.
+
+The stack is started (idempotently) by `scripts/stack.sh services` with SWARM_STACK=test; the
+database `swarm_test` is dropped, re-created and migrated with `alembic upgrade head` once per run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+from alembic import command
+from alembic.config import Config
+from asgi_lifespan import LifespanManager
+from sqlalchemy.engine import make_url
+
+from app.main import create_app
+from app.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+STACK = os.environ.get("SWARM_TEST_STACK", "test")
+STACK_DIR = ROOT / ".run" / STACK
+TEST_DATABASE = "swarm_test"
+
+
+def _start_stack() -> dict[str, str]:
+    env = {**os.environ, "SWARM_STACK": STACK}
+    subprocess.run([str(ROOT / "scripts" / "stack.sh"), "services"], check=True, env=env, cwd=ROOT)
+    values: dict[str, str] = {}
+    for line in (STACK_DIR / "app.env").read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            values[key.strip()] = value.strip()
+    return values
+
+
+@pytest.fixture(scope="session")
+def stack_env() -> dict[str, str]:
+    return _start_stack()
+
+
+async def _recreate_database(url: str) -> None:
+    admin_dsn = make_url(url).set(drivername="postgresql", database="postgres").render_as_string(hide_password=False)
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{TEST_DATABASE}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{TEST_DATABASE}"')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def settings(stack_env: dict[str, str]) -> Settings:
+    stack_url = Settings(_env_file=STACK_DIR / "app.env").database.url.get_secret_value()  # type: ignore[call-arg]
+    url = make_url(stack_url).set(database=TEST_DATABASE).render_as_string(hide_password=False)
+    asyncio.run(_recreate_database(url))
+    config = Config(str(ROOT / "alembic.ini"))
+    config.attributes["database_url"] = url
+    config.attributes["configure_logger"] = False
+    command.upgrade(config, "head")
+    return Settings(_env_file=STACK_DIR / "app.env", database={"url": url})  # type: ignore[call-arg]
+
+
+@pytest.fixture(scope="session")
+async def app_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The app in-process with its real lifespan (broker subscribers, scheduler) and an HTTP client."""
+    app = create_app(settings)
+    async with LifespanManager(app, startup_timeout=60, shutdown_timeout=30) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://swarm.test/api/v1") as client:
+            yield client
+
+
+@dataclass(frozen=True)
+class DeviceCredentials:
+    device_id: str
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+
+
+def unique_device_id(prefix: str = "t") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+EnrolDevice = Callable[..., Awaitable[DeviceCredentials]]
+
+
+@pytest.fixture
+def enrol_device(app_client: httpx.AsyncClient, tmp_path: Path) -> EnrolDevice:
+    """Enrol a new device through the API and have the core make its key and certificate."""
+
+    async def enrol(prefix: str = "t") -> DeviceCredentials:
+        device_id = unique_device_id(prefix)
+        response = await app_client.post("/devices", json={"id": device_id})
+        assert response.status_code == 201, response.text
+        response = await app_client.post(f"/devices/{device_id}/certificate", json={})
+        assert response.status_code == 201, response.text
+        issued = response.json()
+        creds = DeviceCredentials(device_id, tmp_path / f"{device_id}.crt", tmp_path / f"{device_id}.key", tmp_path / "ca.crt")
+        creds.cert_file.write_text(issued["certificate_pem"])
+        creds.key_file.write_text(issued["private_key_pem"])
+        creds.key_file.chmod(0o600)
+        creds.ca_file.write_text(issued["ca_certificate_pem"])
+        return creds
+
+    return enrol

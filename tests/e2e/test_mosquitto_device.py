@@ -1,0 +1,79 @@
+"""The spine with a stock MQTT client (mosquitto) acting as the device: no SDK involved."""
+
+from __future__ import annotations
+
+import uuid
+
+import httpx
+import orjson
+import pytest
+
+from app.settings import Settings
+from swarm_device import protocol
+from tests.conftest import EnrolDevice
+from tests.mosquitto import Endpoint, publish, subscriber
+
+
+@pytest.fixture
+def endpoint(settings: Settings) -> Endpoint:
+    return Endpoint(settings.broker.mqtt_host, settings.broker.mqtt_port, settings.broker.ca_file)
+
+
+async def test_round_trip_with_mosquitto_as_the_device(
+    app_client: httpx.AsyncClient, enrol_device: EnrolDevice, endpoint: Endpoint
+) -> None:
+    device = await enrol_device("mq")
+    dev = device.device_id
+    topics = [protocol.notify_topic(dev), protocol.reply_topic(dev)]
+
+    async def call(method: str, request_id: str, params: dict[str, object]) -> dict[str, object]:
+        body = orjson.dumps({"id": request_id, "params": params})
+        code, output = await publish(
+            endpoint, device.cert_file, device.key_file, f"{dev}-pub", protocol.request_topic(dev, method), body
+        )
+        assert code == 0, output
+        reply = await sub.next_json(protocol.reply_topic(dev))
+        assert reply["id"] == request_id
+        return reply
+
+    async with subscriber(endpoint, device.cert_file, device.key_file, dev, topics) as sub:
+        await sub.subscribed.wait()
+
+        created = await app_client.post(f"/devices/{dev}/tasks", json={"method": "reboot", "params": {"delay": 1}})
+        assert created.status_code == 201, created.text
+        task_id = created.json()["id"]
+
+        notice = await sub.next_json(protocol.notify_topic(dev))
+        assert notice == {"event": "task_queued", "task_id": task_id}
+
+        reply = await call(protocol.METHOD_TASKS_NEXT, "n1", {})
+        assert reply["result"]["id"] == task_id  # type: ignore[index]
+        assert reply["result"]["status"] == "in_progress"  # type: ignore[index]
+        assert reply["result"]["params"] == {"delay": 1}  # type: ignore[index]
+
+        reply = await call(protocol.result_method(task_id), "r1", {"status": "succeeded", "result": {"ok": True}})
+        assert reply["result"]["status"] == "succeeded"  # type: ignore[index]
+
+        final = await app_client.get(f"/tasks/{task_id}", params={"wait": 5})
+        assert final.json()["status"] == "succeeded"
+        assert final.json()["result"] == {"ok": True}
+
+        # Malformed JSON gets an `invalid` answer, and the same consumer keeps serving afterwards.
+        code, output = await publish(
+            endpoint, device.cert_file, device.key_file, f"{dev}-pub",
+            protocol.request_topic(dev, protocol.METHOD_TASKS_NEXT), b"{this is not json",
+        )
+        assert code == 0, output
+        broken = await sub.next_json(protocol.reply_topic(dev))
+        assert broken["id"] is None
+        assert broken["error"]["code"] == "invalid"  # type: ignore[index]
+
+        reply = await call(protocol.METHOD_TASKS_NEXT, "n2", {})
+        assert reply == {"id": "n2", "result": None}
+
+        unknown = uuid.uuid4()
+        reply = await call(protocol.result_method(unknown), "r2", {"status": "succeeded"})
+        assert reply["error"]["code"] == "not_found"  # type: ignore[index]
+
+        not_a_uuid = await call(protocol.result_method("nope"), "r3", {"status": "succeeded"})
+        assert not_a_uuid["error"]["code"] == "not_found"  # type: ignore[index]

@@ -1,0 +1,104 @@
+"""Drive the stock mosquitto clients as an external device (the tests' independent MQTT peer)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+    ca_file: Path
+
+
+def tls_args(endpoint: Endpoint, cert: Path | None, key: Path | None) -> list[str]:
+    args = ["-h", endpoint.host, "-p", str(endpoint.port), "--cafile", str(endpoint.ca_file), "-V", "mqttv311"]
+    if cert is not None and key is not None:
+        args += ["--cert", str(cert), "--key", str(key)]
+    return args
+
+
+class Subscriber:
+    """A running `mosquitto_sub -v -d`: yields (topic, payload) and knows when it is subscribed."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.subscribed = asyncio.Event()
+        self.messages: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self.debug: list[str] = []
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.process.stdout is not None
+        async for raw in self.process.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            if line.startswith("Client "):
+                self.debug.append(line)
+                if "received SUBACK" in line:
+                    self.subscribed.set()
+            elif " " in line:
+                topic, _, payload = line.partition(" ")
+                await self.messages.put((topic, payload.encode()))
+
+    async def next_json(self, topic: str, timeout: float = 10.0) -> dict[str, Any]:
+        """The next message on `topic` (others are skipped), decoded."""
+        async with asyncio.timeout(timeout):
+            while True:
+                got_topic, payload = await self.messages.get()
+                if got_topic == topic:
+                    decoded = orjson.loads(payload)
+                    assert isinstance(decoded, dict)
+                    return decoded
+
+    async def exit_code(self, timeout: float = 10.0) -> int:
+        async with asyncio.timeout(timeout):
+            return await self.process.wait()
+
+
+@contextlib.asynccontextmanager
+async def subscriber(
+    endpoint: Endpoint,
+    cert: Path | None,
+    key: Path | None,
+    client_id: str,
+    topics: list[str],
+    *,
+    clean_session: bool = False,
+) -> AsyncIterator[Subscriber]:
+    args = ["mosquitto_sub", *tls_args(endpoint, cert, key), "-i", client_id, "-q", "1", "-v", "-d"]
+    if not clean_session:
+        args.append("-c")
+    for topic in topics:
+        args += ["-t", topic]
+    process = await asyncio.create_subprocess_exec(
+        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    sub = Subscriber(process)
+    try:
+        yield sub
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            await process.wait()
+        sub._reader.cancel()
+
+
+async def publish(
+    endpoint: Endpoint, cert: Path | None, key: Path | None, client_id: str, topic: str, payload: bytes
+) -> tuple[int, str]:
+    """Publish one QoS 1 message; returns mosquitto_pub's exit code and output."""
+    process = await asyncio.create_subprocess_exec(
+        "mosquitto_pub", *tls_args(endpoint, cert, key), "-i", client_id, "-q", "1", "-t", topic, "-s",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(payload), 20)
+    assert process.returncode is not None
+    return process.returncode, output.decode(errors="replace")

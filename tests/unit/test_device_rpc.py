@@ -1,0 +1,55 @@
+"""Pure parsing of device requests: every broken message must yield a clear `invalid` answer."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from app.device_rpc import MAX_REQUEST_BYTES, RequestRejected, encode_reply, parse_request, queue_for
+from swarm_device.protocol import ErrorCode, ResultParams
+
+
+def test_valid_request_is_parsed_into_typed_params() -> None:
+    request_id, params = parse_request(b'{"id": "r1", "params": {"status": "succeeded", "result": {"a": 1}}}', ResultParams)
+    assert request_id == "r1"
+    assert params.status == "succeeded"
+    assert params.result == {"a": 1}
+
+
+@pytest.mark.parametrize(
+    ("body", "expected_id", "fragment"),
+    [
+        (b"{not json", None, "not valid JSON"),
+        (b'"just a string"', None, "envelope"),
+        (b'{"params": {}}', None, "id"),
+        (b'{"id": 5, "params": {}}', None, "id"),
+        (b'{"id": "' + b"x" * 65 + b'", "params": {}}', None, "id"),
+        (b'{"id": "r2", "params": {"status": "done"}}', "r2", "params are invalid"),
+        (b'{"id": "r3", "params": []}', "r3", "params"),
+    ],
+)
+def test_broken_requests_are_rejected_with_what_is_wrong(body: bytes, expected_id: str | None, fragment: str) -> None:
+    with pytest.raises(RequestRejected) as caught:
+        parse_request(body, ResultParams)
+    assert caught.value.request_id == expected_id
+    assert fragment in str(caught.value)
+
+
+def test_oversized_request_is_rejected_before_parsing() -> None:
+    body = orjson.dumps({"id": "big", "params": {"blob": "x" * MAX_REQUEST_BYTES}})
+    with pytest.raises(RequestRejected, match="exceeds"):
+        parse_request(body, ResultParams)
+
+
+def test_error_reply_shape() -> None:
+    reply = orjson.loads(encode_reply("r9", error=(ErrorCode.NOT_FOUND, "no such task")))
+    assert reply == {"id": "r9", "error": {"code": "not_found", "message": "no such task"}}
+    assert orjson.loads(encode_reply("r10")) == {"id": "r10", "result": None}
+
+
+def test_queue_per_route_binds_path_parameters_as_wildcards() -> None:
+    queue = queue_for("tasks/{task_id}/result")
+    assert queue.name == "swarm.rpc.tasks.result"
+    assert queue.routing_key == "dev.*.up.rpc.tasks.*.result"
+    assert queue.arguments is not None
+    assert queue.arguments["x-dead-letter-exchange"] == "swarm.dead-letter"
