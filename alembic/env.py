@@ -9,8 +9,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from alembic import context
-from app.devices import models as device_models  # noqa: F401  (registers the tables)
 from app.db import Base
+from app.devices import models as device_models  # noqa: F401  (registers the tables)
 from app.settings import get_settings
 from app.tasks import models as task_models  # noqa: F401
 

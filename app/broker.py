@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 import ssl
 
-from pamqp.commands import Basic
 from faststream.rabbit import ExchangeType, RabbitBroker, RabbitExchange, RabbitQueue
 from faststream.rabbit.schemas import Channel
 from faststream.rabbit.security import RabbitExternalAuth
+from pamqp.commands import Basic
 
 from app.settings import BrokerSettings
 from swarm_device.protocol import to_routing_key
@@ -34,7 +34,8 @@ def create_broker(settings: BrokerSettings) -> RabbitBroker:
         default_channel=Channel(prefetch_count=settings.prefetch),
         graceful_timeout=10.0,
         log_level=logging.DEBUG,
-        description="Swarm Core device protocol: devices publish to dev/{id}/up/..., the core answers on dev/{id}/down/...",
+        description="Swarm Core device protocol: devices publish to dev/{id}/up/..., the core answers on "
+        "dev/{id}/down/...",
     )
 
 

@@ -63,7 +63,8 @@ class RequestRejected(Exception):
 
 
 def queue_for(pattern: str) -> RabbitQueue:
-    """`tasks/{task_id}/result` -> queue `swarm.rpc.tasks.result`, key `dev.{device_id}.up.rpc.tasks.{task_id}.result`."""
+    """One durable queue per route: `tasks/{task_id}/result` -> queue `swarm.rpc.tasks.result`,
+    bound with `dev.{device_id}.up.rpc.tasks.{task_id}.result` (path parameters become `*`)."""
     name = "swarm.rpc." + ".".join(p for p in pattern.split("/") if not _PATH_PARAM.fullmatch(p))
     return RabbitQueue(
         name,
@@ -104,7 +105,9 @@ def _salvage_id(raw: Any) -> str | None:
     return request_id if isinstance(request_id, str) and 0 < len(request_id) <= REQUEST_ID_MAX_LENGTH else None
 
 
-def encode_reply(request_id: str | None, result: BaseModel | None = None, error: tuple[ErrorCode, str] | None = None) -> bytes:
+def encode_reply(
+    request_id: str | None, result: BaseModel | None = None, error: tuple[ErrorCode, str] | None = None
+) -> bytes:
     if error is not None:
         code, message = error
         return orjson.dumps({"id": request_id, "error": {"code": code.value, "message": message}})
@@ -154,13 +157,17 @@ class DeviceRpcRouter:
                 await message.nack(requeue=True)
                 return
             log.exception("request from %s failed %d times; dead-lettering it", device_id, DELIVERY_LIMIT)
-            await self._reply(message, device_id, encode_reply(request_id, error=(ErrorCode.INTERNAL, "internal error")))
+            await self._reply(
+                message, device_id, encode_reply(request_id, error=(ErrorCode.INTERNAL, "internal error"))
+            )
             await message.reject(requeue=False)
             return
         await self._reply(message, device_id, reply)
         await message.ack()
 
-    async def _call_until_infrastructure_answers(self, handler: Handler[P], request: DeviceRequest[P]) -> BaseModel | None:
+    async def _call_until_infrastructure_answers(
+        self, handler: Handler[P], request: DeviceRequest[P]
+    ) -> BaseModel | None:
         delay = 0.2
         while True:
             try:

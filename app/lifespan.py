@@ -15,6 +15,7 @@ from app.db import create_engine, create_sessionmaker
 from app.dependencies import Runtime
 from app.device_rpc import DeviceRpcRouter
 from app.devices import messaging as device_messaging
+from app.devices import presence
 from app.devices import service as devices
 from app.devices.broker_admin import BrokerAdmin
 from app.errors import BrokerAdminError
@@ -40,6 +41,7 @@ async def run_resources(settings: Settings) -> AsyncIterator[Runtime]:
     rpc = DeviceRpcRouter(broker)
     task_messaging.register(rpc, sessions)
     device_messaging.register(rpc, sessions)
+    presence.register(rpc.router, sessions)
     broker.include_router(rpc.router)
     runtime = Runtime(
         settings=settings,
@@ -76,11 +78,11 @@ async def _reconcile(runtime: Runtime) -> None:
     # A broker that lost users (or kept revoked ones) is repaired at start; not fatal if it fails.
     try:
         provisioned, removed = await devices.reconcile_broker_users(runtime.sessions, runtime.broker_admin)
+        online = await devices.reconcile_presence(runtime.sessions, runtime.broker_admin)
     except BrokerAdminError as exc:
-        log.warning("broker user reconciliation skipped: %s", exc)
+        log.warning("broker reconciliation skipped: %s", exc)
         return
-    if provisioned or removed:
-        log.info("broker users reconciled: %d provisioned, %d removed", provisioned, removed)
+    log.info("broker reconciled: %d users provisioned, %d removed; %d devices online", provisioned, removed, online)
 
 
 def lifespan_for(settings: Settings) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[State]]:

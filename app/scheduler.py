@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from app.dependencies import Runtime
+from app.devices import jobs as device_jobs
 from app.tasks import jobs as task_jobs
 
 Job = Callable[[Runtime], Awaitable[None]]
@@ -18,6 +19,7 @@ def periodic_jobs(runtime: Runtime) -> list[tuple[Job, float]]:
         (task_jobs.enforce_deadlines, intervals.deadlines_interval_s),
         (task_jobs.expire_tasks, intervals.expiry_interval_s),
         (task_jobs.resend_notices, intervals.notices_interval_s),
+        (device_jobs.reconcile_presence, intervals.presence_interval_s),
     ]
 
 

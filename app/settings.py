@@ -54,6 +54,7 @@ class SchedulerSettings(BaseModel):
     deadlines_interval_s: float = 2.0
     expiry_interval_s: float = 5.0
     notices_interval_s: float = 5.0
+    presence_interval_s: float = 300.0
 
 
 class Settings(BaseSettings):

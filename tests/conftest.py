@@ -17,11 +17,11 @@ from pathlib import Path
 import asyncpg
 import httpx
 import pytest
-from alembic import command
 from alembic.config import Config
 from asgi_lifespan import LifespanManager
 from sqlalchemy.engine import make_url
 
+from alembic import command
 from app.main import create_app
 from app.settings import Settings
 
@@ -59,14 +59,14 @@ async def _recreate_database(url: str) -> None:
 
 @pytest.fixture(scope="session")
 def settings(stack_env: dict[str, str]) -> Settings:
-    stack_url = Settings(_env_file=STACK_DIR / "app.env").database.url.get_secret_value()  # type: ignore[call-arg]
+    stack_url = Settings(_env_file=STACK_DIR / "app.env").database.url.get_secret_value()
     url = make_url(stack_url).set(database=TEST_DATABASE).render_as_string(hide_password=False)
     asyncio.run(_recreate_database(url))
     config = Config(str(ROOT / "alembic.ini"))
     config.attributes["database_url"] = url
     config.attributes["configure_logger"] = False
     command.upgrade(config, "head")
-    return Settings(_env_file=STACK_DIR / "app.env", database={"url": url})  # type: ignore[call-arg]
+    return Settings(_env_file=STACK_DIR / "app.env", database={"url": url})
 
 
 @pytest.fixture(scope="session")
@@ -105,7 +105,9 @@ def enrol_device(app_client: httpx.AsyncClient, tmp_path: Path) -> EnrolDevice:
         response = await app_client.post(f"/devices/{device_id}/certificate", json={})
         assert response.status_code == 201, response.text
         issued = response.json()
-        creds = DeviceCredentials(device_id, tmp_path / f"{device_id}.crt", tmp_path / f"{device_id}.key", tmp_path / "ca.crt")
+        creds = DeviceCredentials(
+            device_id, tmp_path / f"{device_id}.crt", tmp_path / f"{device_id}.key", tmp_path / "ca.crt"
+        )
         creds.cert_file.write_text(issued["certificate_pem"])
         creds.key_file.write_text(issued["private_key_pem"])
         creds.key_file.chmod(0o600)

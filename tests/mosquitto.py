@@ -48,9 +48,9 @@ class Subscriber:
                 topic, _, payload = line.partition(" ")
                 await self.messages.put((topic, payload.encode()))
 
-    async def next_json(self, topic: str, timeout: float = 10.0) -> dict[str, Any]:
+    async def next_json(self, topic: str, within_s: float = 10.0) -> dict[str, Any]:
         """The next message on `topic` (others are skipped), decoded."""
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within_s):
             while True:
                 got_topic, payload = await self.messages.get()
                 if got_topic == topic:
@@ -58,8 +58,12 @@ class Subscriber:
                     assert isinstance(decoded, dict)
                     return decoded
 
-    async def exit_code(self, timeout: float = 10.0) -> int:
-        async with asyncio.timeout(timeout):
+    async def wait_subscribed(self, within_s: float = 15.0) -> None:
+        async with asyncio.timeout(within_s):
+            await self.subscribed.wait()
+
+    async def exit_code(self, within_s: float = 10.0) -> int:
+        async with asyncio.timeout(within_s):
             return await self.process.wait()
 
 
@@ -73,7 +77,8 @@ async def subscriber(
     *,
     clean_session: bool = False,
 ) -> AsyncIterator[Subscriber]:
-    args = ["mosquitto_sub", *tls_args(endpoint, cert, key), "-i", client_id, "-q", "1", "-v", "-d"]
+    # stdbuf: mosquitto_sub block-buffers a pipe, and we read it line by line as it happens.
+    args = ["stdbuf", "-oL", "mosquitto_sub", *tls_args(endpoint, cert, key), "-i", client_id, "-q", "1", "-v", "-d"]
     if not clean_session:
         args.append("-c")
     for topic in topics:
@@ -96,8 +101,18 @@ async def publish(
 ) -> tuple[int, str]:
     """Publish one QoS 1 message; returns mosquitto_pub's exit code and output."""
     process = await asyncio.create_subprocess_exec(
-        "mosquitto_pub", *tls_args(endpoint, cert, key), "-i", client_id, "-q", "1", "-t", topic, "-s",
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        "mosquitto_pub",
+        *tls_args(endpoint, cert, key),
+        "-i",
+        client_id,
+        "-q",
+        "1",
+        "-t",
+        topic,
+        "-s",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     output, _ = await asyncio.wait_for(process.communicate(payload), 20)
     assert process.returncode is not None

@@ -36,3 +36,16 @@ class DeviceCertificate(Base):
     not_after: Mapped[datetime]
     created_at: Mapped[datetime] = mapped_column(server_default=text("now()"))
     revoked_at: Mapped[datetime | None]
+
+
+class DeviceConnection(Base):
+    """Open broker connections of devices, from the broker's connection events (presence).
+
+    Keyed by the broker's connection name: `connection.closed` carries only that and the pid.
+    """
+
+    __tablename__ = "device_connections"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), index=True)
+    connected_at: Mapped[datetime]

@@ -6,11 +6,11 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.devices.models import Device, DeviceCertificate
+from app.devices.models import Device, DeviceCertificate, DeviceConnection
 
 
 async def get_device(session: AsyncSession, device_id: str, *, lock: bool = False) -> Device | None:
@@ -44,7 +44,9 @@ async def active_device_ids(session: AsyncSession) -> set[str]:
     return set((await session.execute(select(Device.id).where(Device.revoked_at.is_(None)))).scalars())
 
 
-async def record_hello(session: AsyncSession, device_id: str, firmware: str, model: str, capabilities: list[str]) -> Device:
+async def record_hello(
+    session: AsyncSession, device_id: str, firmware: str, model: str, capabilities: list[str]
+) -> Device:
     stmt = (
         update(Device)
         .where(Device.id == device_id)
@@ -95,3 +97,47 @@ async def revoke_certificates(session: AsyncSession, device_id: str) -> None:
         .where(DeviceCertificate.device_id == device_id, DeviceCertificate.revoked_at.is_(None))
         .values(revoked_at=func.now())
     )
+
+
+async def connection_opened(session: AsyncSession, name: str, device_id: str, at: datetime) -> bool:
+    """Record an open connection; False if the device is unknown (not one of ours)."""
+    if await get_device(session, device_id) is None:
+        return False
+    await session.execute(
+        insert(DeviceConnection)
+        .values(name=name, device_id=device_id, connected_at=at)
+        .on_conflict_do_nothing(index_elements=[DeviceConnection.name])
+    )
+    await set_presence(session, [device_id], True, at)
+    return True
+
+
+async def connection_closed(session: AsyncSession, name: str, at: datetime) -> str | None:
+    """Forget a closed connection; the device goes offline when it was its last one."""
+    device_id = (
+        await session.execute(
+            delete(DeviceConnection).where(DeviceConnection.name == name).returning(DeviceConnection.device_id)
+        )
+    ).scalar_one_or_none()
+    if device_id is None:
+        return None
+    remaining = await session.scalar(select(func.count()).where(DeviceConnection.device_id == device_id))
+    if not remaining:
+        await set_presence(session, [device_id], False, at)
+    return device_id
+
+
+async def replace_connections(session: AsyncSession, connections: Sequence[tuple[str, str, datetime]]) -> None:
+    """Make the presence tables match the broker's list of open (name, device_id, connected_at)."""
+    known = await active_device_ids(session)
+    rows = [{"name": n, "device_id": d, "connected_at": at} for n, d, at in connections if d in known]
+    await session.execute(delete(DeviceConnection))
+    if rows:
+        await session.execute(insert(DeviceConnection).values(rows).on_conflict_do_nothing())
+    online = {row["device_id"] for row in rows}
+    await session.execute(
+        update(Device)
+        .where(Device.online.is_(True), Device.id.not_in(online))
+        .values(online=False, updated_at=func.now())
+    )
+    await session.execute(update(Device).where(Device.id.in_(online)).values(online=True, updated_at=func.now()))

@@ -46,6 +46,8 @@ async def revoke_device(device_id: DeviceIdPath, runtime: RuntimeDep) -> DeviceR
 
 
 @router.post("/{device_id}/certificate", status_code=status.HTTP_201_CREATED)
-async def issue_certificate(device_id: DeviceIdPath, body: CertificateRequest, runtime: RuntimeDep) -> CertificateIssued:
+async def issue_certificate(
+    device_id: DeviceIdPath, body: CertificateRequest, runtime: RuntimeDep
+) -> CertificateIssued:
     """Sign the device's CSR (its CN is forced to the device id) or make a key pair for it."""
     return await service.issue_certificate(runtime.sessions, runtime.ca, runtime.settings, device_id, body.csr_pem)

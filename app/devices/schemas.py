@@ -15,7 +15,8 @@ class DeviceCreate(BaseModel):
 
     id: str = Field(
         pattern=DEVICE_ID_PATTERN,
-        description="Letters, digits, `_` and `-` (1-64): it becomes the certificate CN, MQTT client id and broker user.",
+        description="Letters, digits, `_` and `-` (1-64): it becomes the certificate CN, the MQTT client id "
+        "and the broker user.",
     )
 
 

@@ -146,3 +146,29 @@ async def reconcile_broker_users(sessions: Sessions, admin: BrokerAdmin) -> tupl
     for user in present - wanted:
         await admin.deprovision_device(user)
     return len(wanted - present), len(present - wanted)
+
+
+async def device_connected(sessions: Sessions, connection: str, device_id: str, at: datetime) -> None:
+    async with sessions() as session:
+        if await repo.connection_opened(session, connection, device_id, at):
+            await session.commit()
+
+
+async def connection_closed(sessions: Sessions, connection: str, at: datetime) -> None:
+    async with sessions() as session:
+        await repo.connection_closed(session, connection, at)
+        await session.commit()
+
+
+async def reconcile_presence(sessions: Sessions, admin: BrokerAdmin) -> int:
+    """Presence from the broker's list of open connections (start-up, and now and then): events
+    missed while no app was consuming them are repaired here. Returns the devices online."""
+    connections = [
+        (c.name, c.user, c.connected_at or datetime.now(UTC))
+        for c in await admin.connections()
+        if "MQTT" in c.protocol and c.user
+    ]
+    async with sessions() as session:
+        await repo.replace_connections(session, connections)
+        await session.commit()
+    return len({user for _, user, _ in connections})

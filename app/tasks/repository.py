@@ -15,7 +15,7 @@ from app.tasks.schemas import TaskFilter
 from swarm_device.protocol import PENDING_STATUSES, TaskStatus
 
 _PENDING = [s.value for s in PENDING_STATUSES]
-_ONE_SECOND = literal_column("interval '1 second'")
+_ONE_SECOND: ColumnElement[Any] = literal_column("interval '1 second'")
 
 
 def _seconds(column: Any) -> ColumnElement[Any]:

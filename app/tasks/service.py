@@ -9,6 +9,7 @@ import hashlib
 import logging
 import uuid
 from datetime import UTC, datetime, timedelta
+
 import orjson
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -104,7 +105,9 @@ async def get_task(sessions: Sessions, task_id: uuid.UUID) -> TaskRead:
     return to_read(task)
 
 
-async def list_tasks(sessions: Sessions, filters: TaskFilter, cursor: str | None, limit: int) -> tuple[list[TaskRead], str | None]:
+async def list_tasks(
+    sessions: Sessions, filters: TaskFilter, cursor: str | None, limit: int
+) -> tuple[list[TaskRead], str | None]:
     after = _decode_cursor(cursor) if cursor else None
     async with sessions() as session:
         rows = await repo.list_tasks(session, filters, after, limit)

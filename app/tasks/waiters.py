@@ -63,7 +63,6 @@ class TaskWaiters:
     async def _listen_forever(self) -> None:
         backoff = 0.5
         while True:
-            closed = asyncio.Event()
             try:
                 conn = await asyncpg.connect(self._dsn, timeout=5)
             except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
@@ -72,8 +71,9 @@ class TaskWaiters:
                 backoff = min(backoff * 2, 10.0)
                 continue
             backoff = 0.5
+            closed = asyncio.Event()
             try:
-                conn.add_termination_listener(lambda _c: closed.set())
+                conn.add_termination_listener(lambda _c, closed=closed: closed.set())
                 await conn.add_listener(CHANNEL, self._on_notify)
                 # Wake everyone once: anything that finished while we were not listening is re-read.
                 for task_id in list(self._events):

@@ -40,5 +40,5 @@ def test_very_many_failures_do_not_overflow() -> None:
     [(0.0, 1.0, 2.0, 0.5), (2.0, 1.0, 2.0, 0.5), (1.0, 2.0, 0.5, 0.5), (1.0, 2.0, 2.0, 1.5)],
 )
 def test_invalid_parameters_are_refused(minimum: float, maximum: float, factor: float, jitter: float) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must"):
         Backoff(minimum, maximum, factor=factor, jitter=jitter)

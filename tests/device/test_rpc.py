@@ -25,11 +25,18 @@ class FakeBroker:
         self.sent: list[tuple[str, dict[str, object]]] = []
         self.channel: RpcChannel | None = None
         self.answer: dict[str, object] | None = None
+        self._sent_changed = asyncio.Event()
+
+    async def wait_sent(self, count: int) -> None:
+        while len(self.sent) < count:
+            self._sent_changed.clear()
+            await self._sent_changed.wait()
 
     async def publish(self, method: str, request_id: str, payload: bytes) -> None:
         body = orjson.loads(payload)
         assert body["id"] == request_id
         self.sent.append((method, body))
+        self._sent_changed.set()
         if self.answer is not None and self.channel is not None:
             reply = {"id": request_id, **self.answer}
             # Answer asynchronously, like the broker would.
@@ -118,8 +125,7 @@ async def test_late_reply_to_the_first_attempt_answers_the_call() -> None:
     broker = FakeBroker()
     channel = make_channel(broker, timeout=0.05, max_timeout=1.0, attempts=5)
     call = asyncio.create_task(channel.call("tasks/next"))
-    while len(broker.sent) < 2:  # the first attempt timed out and was resent
-        await asyncio.sleep(0.01)
+    await broker.wait_sent(2)
     request_id = broker.sent[0][1]["id"]
     assert channel.handle_reply(orjson.dumps({"id": request_id, "result": {"n": 1}}))
     assert await call == {"n": 1}
@@ -133,8 +139,7 @@ async def test_until_answered_outlasts_the_attempt_limit() -> None:
     broker = FakeBroker()
     channel = make_channel(broker, timeout=0.005, max_timeout=0.005, attempts=1)
     call = asyncio.create_task(channel.call("hello", until_answered=True))
-    while len(broker.sent) < 4:
-        await asyncio.sleep(0.005)
+    await broker.wait_sent(4)
     assert not call.done()
     channel.handle_reply(orjson.dumps({"id": broker.sent[0][1]["id"], "result": {}}))
     assert await call == {}
@@ -145,8 +150,7 @@ async def test_malformed_reply_with_a_pending_id_fails_that_call() -> None:
     broker = FakeBroker()
     channel = make_channel(broker, timeout=5.0)
     call = asyncio.create_task(channel.call("hello"))
-    while not broker.sent:
-        await asyncio.sleep(0)
+    await broker.wait_sent(1)
     request_id = broker.sent[0][1]["id"]
     with pytest.raises(MalformedReplyError):
         channel.handle_reply(orjson.dumps({"id": request_id, "error": {"code": "weird"}}))
@@ -160,8 +164,7 @@ async def test_garbage_and_unknown_ids_do_not_disturb_pending_calls() -> None:
     broker = FakeBroker()
     channel = make_channel(broker, timeout=5.0)
     call = asyncio.create_task(channel.call("hello"))
-    while not broker.sent:
-        await asyncio.sleep(0)
+    await broker.wait_sent(1)
     with pytest.raises(MalformedReplyError):
         channel.handle_reply(b"\xff garbage")
     assert not channel.handle_reply(b'{"id": "someone-else", "result": 1}')
@@ -176,8 +179,7 @@ async def test_cancelled_call_leaves_nothing_pending() -> None:
     broker = FakeBroker()
     channel = make_channel(broker, timeout=5.0)
     call = asyncio.create_task(channel.call("hello"))
-    while not broker.sent:
-        await asyncio.sleep(0)
+    await broker.wait_sent(1)
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await call

@@ -214,3 +214,29 @@ async def test_progress_is_sent_for_the_running_task() -> None:
     worker.add_handler("update", update)
     await worker.pull()
     assert (f"tasks/{task['id']}/progress", {"status_details": {"percent": 50}}, False) in core.calls
+
+
+@pytest.mark.asyncio
+async def test_a_task_handed_back_after_its_report_is_not_run_twice() -> None:
+    task = task_dict("echo", {"v": 1})
+    core = FakeCore(task, task, task)  # a core that keeps handing out the finished task
+    stats = DeviceStats()
+    worker = TaskWorker(core, stats)
+    runs = 0
+
+    async def echo(ctx: TaskContext) -> dict[str, Any]:
+        nonlocal runs
+        runs += 1
+        return ctx.params
+
+    worker.add_handler("echo", echo)
+    assert await worker.pull() == 1
+    assert runs == 1
+    # The first repeat gets the same report again; the second ends the round.
+    assert [p for _, p in core.results()] == [{"status": "succeeded", "result": {"v": 1}, "error": None}] * 2
+    assert (stats.tasks_succeeded, stats.reports_resent) == (1, 1)
+
+    # A new attempt of the same task (re-queued after its deadline) runs again.
+    core.queue.append({**task, "attempt": 2})
+    assert await worker.pull() == 1
+    assert runs == 2

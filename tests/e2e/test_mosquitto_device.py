@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import httpx
 import orjson
@@ -26,7 +27,7 @@ async def test_round_trip_with_mosquitto_as_the_device(
     dev = device.device_id
     topics = [protocol.notify_topic(dev), protocol.reply_topic(dev)]
 
-    async def call(method: str, request_id: str, params: dict[str, object]) -> dict[str, object]:
+    async def call(method: str, request_id: str, params: dict[str, object]) -> dict[str, Any]:
         body = orjson.dumps({"id": request_id, "params": params})
         code, output = await publish(
             endpoint, device.cert_file, device.key_file, f"{dev}-pub", protocol.request_topic(dev, method), body
@@ -37,7 +38,7 @@ async def test_round_trip_with_mosquitto_as_the_device(
         return reply
 
     async with subscriber(endpoint, device.cert_file, device.key_file, dev, topics) as sub:
-        await sub.subscribed.wait()
+        await sub.wait_subscribed()
 
         created = await app_client.post(f"/devices/{dev}/tasks", json={"method": "reboot", "params": {"delay": 1}})
         assert created.status_code == 201, created.text
@@ -47,12 +48,12 @@ async def test_round_trip_with_mosquitto_as_the_device(
         assert notice == {"event": "task_queued", "task_id": task_id}
 
         reply = await call(protocol.METHOD_TASKS_NEXT, "n1", {})
-        assert reply["result"]["id"] == task_id  # type: ignore[index]
-        assert reply["result"]["status"] == "in_progress"  # type: ignore[index]
-        assert reply["result"]["params"] == {"delay": 1}  # type: ignore[index]
+        assert reply["result"]["id"] == task_id
+        assert reply["result"]["status"] == "in_progress"
+        assert reply["result"]["params"] == {"delay": 1}
 
         reply = await call(protocol.result_method(task_id), "r1", {"status": "succeeded", "result": {"ok": True}})
-        assert reply["result"]["status"] == "succeeded"  # type: ignore[index]
+        assert reply["result"]["status"] == "succeeded"
 
         final = await app_client.get(f"/tasks/{task_id}", params={"wait": 5})
         assert final.json()["status"] == "succeeded"
@@ -60,20 +61,24 @@ async def test_round_trip_with_mosquitto_as_the_device(
 
         # Malformed JSON gets an `invalid` answer, and the same consumer keeps serving afterwards.
         code, output = await publish(
-            endpoint, device.cert_file, device.key_file, f"{dev}-pub",
-            protocol.request_topic(dev, protocol.METHOD_TASKS_NEXT), b"{this is not json",
+            endpoint,
+            device.cert_file,
+            device.key_file,
+            f"{dev}-pub",
+            protocol.request_topic(dev, protocol.METHOD_TASKS_NEXT),
+            b"{this is not json",
         )
         assert code == 0, output
         broken = await sub.next_json(protocol.reply_topic(dev))
         assert broken["id"] is None
-        assert broken["error"]["code"] == "invalid"  # type: ignore[index]
+        assert broken["error"]["code"] == "invalid"
 
         reply = await call(protocol.METHOD_TASKS_NEXT, "n2", {})
         assert reply == {"id": "n2", "result": None}
 
         unknown = uuid.uuid4()
         reply = await call(protocol.result_method(unknown), "r2", {"status": "succeeded"})
-        assert reply["error"]["code"] == "not_found"  # type: ignore[index]
+        assert reply["error"]["code"] == "not_found"
 
         not_a_uuid = await call(protocol.result_method("nope"), "r3", {"status": "succeeded"})
-        assert not_a_uuid["error"]["code"] == "not_found"  # type: ignore[index]
+        assert not_a_uuid["error"]["code"] == "not_found"

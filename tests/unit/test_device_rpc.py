@@ -10,7 +10,9 @@ from swarm_device.protocol import ErrorCode, ResultParams
 
 
 def test_valid_request_is_parsed_into_typed_params() -> None:
-    request_id, params = parse_request(b'{"id": "r1", "params": {"status": "succeeded", "result": {"a": 1}}}', ResultParams)
+    request_id, params = parse_request(
+        b'{"id": "r1", "params": {"status": "succeeded", "result": {"a": 1}}}', ResultParams
+    )
     assert request_id == "r1"
     assert params.status == "succeeded"
     assert params.result == {"a": 1}
