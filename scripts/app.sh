@@ -120,9 +120,9 @@ Create a device and give it a task:
   curl -X POST $url/api/v1/devices -H 'content-type: application/json' -d '{"id":"dev-1"}'
   curl -X POST $url/api/v1/devices/dev-1/tasks -H 'content-type: application/json' -d '{"method":"reboot","params":{}}'
 
-Run a simulated device (its key and certificate as dev-1.key/dev-1.crt in $RUN/devices/,
-e.g. from POST $url/api/v1/devices/dev-1/certificate):
-  .venv/bin/swarm-device-sim --count 1 --prefix dev- --host $APP_BROKER__MQTT_HOST --port $APP_BROKER__MQTT_PORT \\
+Enrol devices dev-1..dev-3 (their keys and certificates go to $RUN/devices/), then run them:
+  .venv/bin/python -m app.cli enrol --api $url/api/v1 --prefix dev- --count 3 --cert-dir $RUN/devices
+  .venv/bin/swarm-device-sim --count 3 --prefix dev- --host $APP_BROKER__MQTT_HOST --port $APP_BROKER__MQTT_PORT \\
       --ca $APP_BROKER__CA_FILE --cert-dir $RUN/devices
 
 Stop everything: make down
