@@ -166,6 +166,8 @@ def _device_certificate(
             critical=True,
         )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        # RabbitMQ 4.x binds the MQTT client id to the first DNS SAN (mqtt.ssl_cert_client_id_from).
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(device_id)]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(_authority_key_identifier(ca), critical=False)
     )

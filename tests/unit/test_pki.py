@@ -331,3 +331,9 @@ def test_rsa_padding_is_pkcs1v15_for_rsa_ca() -> None:
     # No SKI on this CA: the AKI is derived from its public key instead.
     aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
     assert aki.key_identifier == x509.SubjectKeyIdentifier.from_public_key(key.public_key()).digest
+
+
+def test_device_certificate_names_the_device_in_its_first_dns_san(ca: pki.CertificateAuthority) -> None:
+    _, cert = pki.issue_device_credentials(ca, "dev-san", days=30)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["dev-san"]
