@@ -40,13 +40,14 @@ class Subscriber:
         assert self.process.stdout is not None
         async for raw in self.process.stdout:
             line = raw.decode(errors="replace").rstrip("\n")
-            if line.startswith("Client "):
+            # With -v a message is "<topic> <payload>"; our topics all start with dev/.
+            if line.startswith("dev/") and " " in line:
+                topic, _, payload = line.partition(" ")
+                await self.messages.put((topic, payload.encode()))
+            else:
                 self.debug.append(line)
                 if "received SUBACK" in line:
                     self.subscribed.set()
-            elif " " in line:
-                topic, _, payload = line.partition(" ")
-                await self.messages.put((topic, payload.encode()))
 
     async def next_json(self, topic: str, within_s: float = 10.0) -> dict[str, Any]:
         """The next message on `topic` (others are skipped), decoded."""
