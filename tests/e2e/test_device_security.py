@@ -14,6 +14,9 @@ import orjson
 import pytest
 
 from app import pki
+from app.db import create_engine, create_sessionmaker
+from app.devices import service as devices
+from app.devices.broker_admin import BrokerAdmin
 from app.settings import Settings
 from swarm_device import protocol
 from tests.conftest import ROOT, DeviceCredentials, EnrolDevice, unique_device_id
@@ -227,3 +230,27 @@ async def test_presence_follows_the_connection(
     await eventually(offline)
     record = (await app_client.get(f"/devices/{creds.device_id}")).json()
     assert record["last_seen_at"] is not None
+
+
+async def test_start_up_reconciliation_repairs_the_broker(
+    app_client: httpx.AsyncClient, enrol_device: EnrolDevice, settings: Settings
+) -> None:
+    lost = await enrol_device("lost")
+    revoked = await enrol_device("gone")
+    await app_client.delete(f"/devices/{revoked.device_id}")
+    before = await broker_state(settings, lost.device_id)
+    admin = BrokerAdmin.from_settings(settings.broker)
+    engine = create_engine(settings.database)
+    try:
+        # The broker lost one user and kept a revoked one (e.g. restored from an old backup).
+        await admin.deprovision_device(lost.device_id)
+        await admin.provision_device(revoked.device_id)
+        provisioned, removed = await devices.reconcile_broker_users(create_sessionmaker(engine), admin)
+        assert provisioned >= 1
+        assert removed >= 1
+        assert await admin.device_provisioned(lost.device_id)
+        assert not await admin.device_provisioned(revoked.device_id)
+    finally:
+        await admin.aclose()
+        await engine.dispose()
+    assert await broker_state(settings, lost.device_id) == before
