@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from alembic import context
 from app.db import Base
 from app.devices import models as device_models  # noqa: F401  (registers the tables)
+from app.events import models as event_models  # noqa: F401
 from app.settings import get_settings
 from app.tasks import models as task_models  # noqa: F401
 

@@ -23,6 +23,10 @@ class Device(Timestamped, Base):
     reported_state: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     reported_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
+    desired_config: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    desired_at: Mapped[datetime | None]
+    # Outbox: set until the desired config is published (retained) to the device's config topic.
+    config_due_at: Mapped[datetime | None]
 
 
 class DeviceCertificate(Base):

@@ -42,6 +42,7 @@ class Task(Timestamped, Base):
         ),
         Index("ix_tasks_notice_due", "notice_due_at", postgresql_where=text("notice_due_at IS NOT NULL")),
         Index("ix_tasks_created", "created_at", "id"),
+        Index("ix_tasks_batch", "batch_id", postgresql_where=text("batch_id IS NOT NULL")),
         Index(
             "uq_tasks_idempotency",
             "device_id",
@@ -73,6 +74,19 @@ class Task(Timestamped, Base):
     notice_due_at: Mapped[datetime | None]
     idempotency_key: Mapped[str | None] = mapped_column(String(128))
     request_hash: Mapped[str | None] = mapped_column(String(64))
+    batch_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("task_batches.id"))
+
+
+class TaskBatch(Base):
+    """One `POST /tasks/batch`: its tasks carry its id; the key and hash make retries safe."""
+
+    __tablename__ = "task_batches"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(128), unique=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    task_count: Mapped[int]
+    created_at: Mapped[datetime] = mapped_column(server_default=text("now()"))
 
 
 class TaskEvent(Base):

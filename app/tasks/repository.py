@@ -7,10 +7,25 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, func, literal_column, or_, select, tuple_, update
+from sqlalchemy import (
+    ARRAY,
+    ColumnElement,
+    String,
+    Uuid,
+    and_,
+    bindparam,
+    func,
+    insert,
+    literal,
+    literal_column,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.tasks.models import Task, TaskEvent
+from app.tasks.models import Task, TaskBatch, TaskEvent
 from app.tasks.schemas import TaskFilter
 from swarm_device.protocol import PENDING_STATUSES, TaskStatus
 
@@ -56,7 +71,10 @@ async def claim_next(session: AsyncSession, device_id: str) -> Task | None:
         )
         .order_by(Task.priority.desc(), Task.created_at)
         .limit(1)
-        .with_for_update(skip_locked=True)
+        # Wait for a lock, never skip: the notifier or a job holding the row for a moment must
+        # not make the device hear "nothing to do". A row that changed meanwhile is re-checked
+        # and passed over; a rival claim for the same device ends on the one-in-progress index.
+        .with_for_update()
         .scalar_subquery()
     )
     stmt = (
@@ -183,6 +201,8 @@ async def list_tasks(
     conditions: list[ColumnElement[bool]] = []
     if filters.device_id is not None:
         conditions.append(Task.device_id == filters.device_id)
+    if filters.batch_id is not None:
+        conditions.append(Task.batch_id == filters.batch_id)
     if filters.status:
         conditions.append(Task.status.in_([s.value for s in filters.status]))
     if filters.method is not None:
@@ -200,3 +220,30 @@ async def list_tasks(
 async def list_events(session: AsyncSession, task_id: uuid.UUID) -> Sequence[TaskEvent]:
     stmt = select(TaskEvent).where(TaskEvent.task_id == task_id).order_by(TaskEvent.version)
     return (await session.execute(stmt)).scalars().all()
+
+
+async def get_batch_by_key(session: AsyncSession, key: str) -> TaskBatch | None:
+    return (await session.execute(select(TaskBatch).where(TaskBatch.idempotency_key == key))).scalar_one_or_none()
+
+
+async def insert_batch_tasks(
+    session: AsyncSession, batch: TaskBatch, template: Task, device_ids: list[str]
+) -> list[tuple[uuid.UUID, str]]:
+    """One task per device, copied from `template`, in one INSERT ... SELECT FROM unnest(...);
+    returns the (task id, device id) pairs."""
+    session.add(batch)
+    await session.flush()
+    copied = ("method", "params", "priority", "max_attempts", "timeout_s", "expires_at", "notice_due_at")
+    device_id = func.unnest(bindparam("device_ids", device_ids, type_=ARRAY(String))).column_valued("device_id")
+    rows = select(
+        func.gen_random_uuid(),
+        device_id,
+        literal(batch.id, type_=Uuid),
+        *(literal(getattr(template, name), type_=Task.__table__.c[name].type) for name in copied),
+    )
+    stmt = (
+        insert(Task)
+        .from_select(["id", "device_id", "batch_id", *copied], rows)
+        .returning(Task.id, Task.device_id)
+    )
+    return [(row.id, row.device_id) for row in await session.execute(stmt)]

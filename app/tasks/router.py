@@ -4,11 +4,20 @@ import uuid
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Path, Query, Response, status
+from fastapi import APIRouter, Header, Path, Query, Request, Response, status
 
 from app.dependencies import RuntimeDep
+from app.tasks import batch as batch_service
 from app.tasks import service
-from app.tasks.schemas import TaskCreate, TaskEventRead, TaskFilter, TaskPage, TaskRead
+from app.tasks.schemas import (
+    TaskBatchCreate,
+    TaskBatchRead,
+    TaskCreate,
+    TaskEventRead,
+    TaskFilter,
+    TaskPage,
+    TaskRead,
+)
 from swarm_device.protocol import DEVICE_ID_PATTERN, TaskStatus
 
 router = APIRouter(tags=["tasks"])
@@ -42,6 +51,33 @@ async def create_task(
     return task
 
 
+@router.post("/tasks/batch", status_code=status.HTTP_201_CREATED)
+async def create_batch(
+    body: TaskBatchCreate,
+    runtime: RuntimeDep,
+    request: Request,
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
+) -> TaskBatchRead:
+    """Queue one task (the same command) for each listed device, all in one transaction.
+
+    Every device must exist and not be revoked, else nothing is created (422 lists the unknown
+    ones). The answer says how many tasks there are and where to list them.
+    """
+    batch, created = await batch_service.create_batch(
+        runtime.sessions,
+        runtime.notifier,
+        runtime.settings.tasks,
+        body,
+        request.app.url_path_for("list_tasks"),
+        idempotency_key,
+    )
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    response.headers["Location"] = batch.tasks_url
+    return batch
+
+
 @router.get("/tasks/{task_id}")
 async def get_task(
     task_id: uuid.UUID,
@@ -58,6 +94,7 @@ async def get_task(
 async def list_tasks(
     runtime: RuntimeDep,
     device_id: Annotated[str | None, Query(pattern=DEVICE_ID_PATTERN)] = None,
+    batch_id: uuid.UUID | None = None,
     task_status: Annotated[list[TaskStatus] | None, Query(alias="status")] = None,
     method: str | None = None,
     created_after: datetime | None = None,
@@ -68,6 +105,7 @@ async def list_tasks(
     """Tasks, newest first, with cursor pagination."""
     filters = TaskFilter(
         device_id=device_id,
+        batch_id=batch_id,
         status=task_status,
         method=method,
         created_after=created_after,

@@ -1,17 +1,18 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from swarm_device.protocol import Task, TaskStatus
+from swarm_device.protocol import DEVICE_ID_PATTERN, Task, TaskStatus
 
 # A task is shown the same way to the control center and to the device.
 TaskRead = Task
 
 METHOD_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+MAX_BATCH_DEVICES = 50_000
 
 
 class TaskCreate(BaseModel):
@@ -29,8 +30,29 @@ class TaskCreate(BaseModel):
     max_attempts: int | None = Field(default=None, ge=1, le=100)
 
 
+class TaskBatchCreate(TaskCreate):
+    device_ids: list[Annotated[str, Field(pattern=DEVICE_ID_PATTERN)]] = Field(
+        min_length=1, max_length=MAX_BATCH_DEVICES, description="One task (the same command) for each device."
+    )
+
+    @field_validator("device_ids")
+    @classmethod
+    def _distinct(cls, device_ids: list[str]) -> list[str]:
+        if len(set(device_ids)) != len(device_ids):
+            raise ValueError("device ids must be distinct")
+        return device_ids
+
+
+class TaskBatchRead(BaseModel):
+    id: UUID
+    task_count: int
+    created_at: datetime
+    tasks_url: str = Field(description="Where the batch's tasks are listed (cursor pagination).")
+
+
 class TaskFilter(BaseModel):
     device_id: str | None = None
+    batch_id: UUID | None = None
     status: list[TaskStatus] | None = None
     method: str | None = None
     created_after: datetime | None = None

@@ -11,6 +11,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import orjson
+from pydantic import BaseModel
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -33,28 +34,23 @@ def to_read(task: Task) -> TaskRead:
     return TaskRead.model_validate(task, from_attributes=True)
 
 
-def _request_hash(body: TaskCreate) -> str:
+def request_hash(body: BaseModel) -> str:
+    """What an Idempotency-Key is compared with: a digest of the canonical request body."""
     return hashlib.sha256(orjson.dumps(body.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-async def create_task(
-    sessions: Sessions,
-    notifier: Notifier,
+def new_task(
     settings: TaskSettings,
     device_id: str,
     body: TaskCreate,
     idempotency_key: str | None = None,
-) -> tuple[TaskRead, bool]:
-    """Persist a task (QUEUED) and commit; only then hand its notice to the notifier.
-
-    Returns the task and whether it was created now (False: an earlier request with the same
-    Idempotency-Key and the same body created it).
-    """
+    hashed_request: str | None = None,
+) -> Task:
+    """A QUEUED task made from a request body, not added to any session yet; checks params size."""
     if len(orjson.dumps(body.params)) > settings.max_params_bytes:
         raise InvalidInput(f"params exceed {settings.max_params_bytes} bytes")
-    request_hash = _request_hash(body) if idempotency_key else None
     now = datetime.now(UTC)
-    task = Task(
+    return Task(
         id=uuid.uuid4(),
         device_id=device_id,
         method=body.method,
@@ -70,8 +66,25 @@ async def create_task(
         expires_at=now + timedelta(seconds=body.ttl_s) if body.ttl_s else None,
         notice_due_at=now,
         idempotency_key=idempotency_key,
-        request_hash=request_hash,
+        request_hash=hashed_request,
     )
+
+
+async def create_task(
+    sessions: Sessions,
+    notifier: Notifier,
+    settings: TaskSettings,
+    device_id: str,
+    body: TaskCreate,
+    idempotency_key: str | None = None,
+) -> tuple[TaskRead, bool]:
+    """Persist a task (QUEUED) and commit; only then hand its notice to the notifier.
+
+    Returns the task and whether it was created now (False: an earlier request with the same
+    Idempotency-Key and the same body created it).
+    """
+    hashed = request_hash(body) if idempotency_key else None
+    task = new_task(settings, device_id, body, idempotency_key, hashed)
     async with sessions() as session:
         device = await device_repo.get_device(session, device_id)
         if device is None or device.revoked_at is not None:
@@ -83,7 +96,7 @@ async def create_task(
             if idempotency_key is None:
                 raise
             await session.rollback()
-            return await _replayed(session, device_id, idempotency_key, request_hash), False
+            return await _replayed(session, device_id, idempotency_key, hashed), False
     notifier.task_queued(task.id, device_id)
     return to_read(task), True
 

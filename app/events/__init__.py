@@ -1,0 +1,1 @@
+"""Live events: the task and device event log as a Server-Sent Events stream."""

@@ -1,0 +1,89 @@
+"""Batch dispatch: one task for each of many devices, in one transaction, notices in bulk.
+
+The tasks are inserted with one INSERT ... SELECT (the audit trigger writes their first events),
+committed, and only then handed to the notifier, which publishes with confirms in flight and
+marks them SENT in bulk. An Idempotency-Key names the batch: the same key and body answer the
+same batch, another body is a conflict.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+from sqlalchemy.exc import IntegrityError
+
+from app.devices import repository as device_repo
+from app.errors import Conflict, InvalidInput
+from app.settings import TaskSettings
+from app.tasks import repository as repo
+from app.tasks.models import TaskBatch
+from app.tasks.notifier import Notifier
+from app.tasks.schemas import TaskBatchCreate, TaskBatchRead
+from app.tasks.service import Sessions, new_task, request_hash
+
+# Unknown device ids named in a refusal, at most.
+MAX_LISTED_UNKNOWN = 100
+
+
+def to_read(batch: TaskBatch, tasks_path: str) -> TaskBatchRead:
+    return TaskBatchRead(
+        id=batch.id,
+        task_count=batch.task_count,
+        created_at=batch.created_at,
+        tasks_url=f"{tasks_path}?batch_id={batch.id}",
+    )
+
+
+async def create_batch(
+    sessions: Sessions,
+    notifier: Notifier,
+    settings: TaskSettings,
+    body: TaskBatchCreate,
+    tasks_path: str,
+    idempotency_key: str | None = None,
+) -> tuple[TaskBatchRead, bool]:
+    """Queue one task per device in one transaction and commit; then hand the notices over.
+
+    Every device must exist and not be revoked, else nothing is created (InvalidInput lists the
+    unknown ones). Returns the batch and whether it was created now (False: replayed by key).
+    """
+    hashed = request_hash(body)
+    template = new_task(settings, "", body)
+    batch = TaskBatch(
+        id=uuid.uuid4(),
+        idempotency_key=idempotency_key,
+        request_hash=hashed,
+        task_count=len(body.device_ids),
+        created_at=datetime.now(UTC),
+    )
+    async with sessions() as session:
+        if idempotency_key is not None and (earlier := await repo.get_batch_by_key(session, idempotency_key)):
+            return _replayed(earlier, hashed, tasks_path), False
+        known = await device_repo.active_ids_among(session, body.device_ids)
+        if unknown := [d for d in body.device_ids if d not in known]:
+            raise InvalidInput(
+                f"{len(unknown)} device(s) do not exist or are revoked; no task was created",
+                unknown_device_ids=unknown[:MAX_LISTED_UNKNOWN],
+            )
+        try:
+            created = await repo.insert_batch_tasks(session, batch, template, body.device_ids)
+            await session.commit()
+        except IntegrityError:
+            if idempotency_key is None:
+                raise
+            # The same key committed by a concurrent request meanwhile.
+            await session.rollback()
+            earlier = await repo.get_batch_by_key(session, idempotency_key)
+            if earlier is None:
+                raise Conflict("a request with this Idempotency-Key is in flight; retry") from None
+            return _replayed(earlier, hashed, tasks_path), False
+    for task_id, device_id in created:
+        notifier.task_queued(task_id, device_id)
+    return to_read(batch, tasks_path), True
+
+
+def _replayed(batch: TaskBatch, hashed: str, tasks_path: str) -> TaskBatchRead:
+    if batch.request_hash != hashed:
+        raise Conflict("this Idempotency-Key was used with a different request body")
+    return to_read(batch, tasks_path)
