@@ -11,7 +11,7 @@ export SWARM_STACK
 VENV := .venv/bin
 APP_ENV = .run/$(SWARM_STACK)/app.env
 
-.PHONY: help install services up down status test lint migrate certs compose-check
+.PHONY: help install services up down status test lint migrate certs compose-check bench bench-short
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -53,6 +53,16 @@ lint: ## ruff check, ruff format --check, mypy
 	$(VENV)/ruff check .
 	$(VENV)/ruff format --check .
 	$(VENV)/mypy
+
+# The benchmark runs on its own stack (own ports, own database swarm_bench), never on dev or test.
+BENCH_STACK ?= bench
+BENCH_PORT_BASE ?= 42000
+
+bench: install ## the full benchmark: prints a table, JSON in bench-results/ (BENCH_ARGS=... to pass options)
+	@$(VENV)/python -m bench --stack $(BENCH_STACK) --port-base $(BENCH_PORT_BASE) $(BENCH_ARGS)
+
+bench-short: install ## the benchmark's CI mode (under a minute): checks the harness works, not the speed
+	@$(VENV)/python -m bench --short --stack $(BENCH_STACK) --port-base $(BENCH_PORT_BASE) $(BENCH_ARGS)
 
 compose-check: ## validate docker-compose.yml (no engine needed)
 	docker-compose -f docker-compose.yml config -q

@@ -1,0 +1,322 @@
+"""`python -m bench [--short] [--stack NAME --port-base N] [...]`: run the benchmark, print a table, write JSON.
+
+Order: the stack's services -> a fresh `swarm_bench` database -> benchmark devices (rows,
+certificates, broker users) -> raw limits (the app not running) -> the app (uvicorn, N workers)
+-> `tasks/next` on the empty database -> intake -> round trip -> connections -> bulk load ->
+`tasks/next` again. Other sections can be left out with --sections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+import uvloop
+
+from bench import connections, fleet, intake, raw, roundtrip, scale
+from bench.env import ROOT, Stack, fresh_database, running_app, start_services
+from bench.progress import Progress
+
+SECTIONS = ("raw", "intake", "roundtrip", "scale", "connections")
+RESULTS_DIR = ROOT / "bench-results"
+FLEET_PREFIX = "b-"
+
+# (full, short) defaults of every sized parameter.
+DEFAULTS: dict[str, tuple[float, float]] = {
+    "raw_seconds": (10, 2),
+    "concurrency": (64, 16),
+    "intake_seconds": (15, 3),
+    "intake_devices": (1000, 50),
+    "rt_devices": (1000, 20),
+    "rt_rate": (1000, 50),
+    "rt_seconds": (20, 3),
+    "scale_devices": (100_000, 1000),
+    "scale_calls": (300, 30),
+    "connections": (10_000, 50),
+    "connect_rate": (250, 100),
+    "hold_seconds": (20, 2),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--short", action="store_true", help="CI mode: small sizes, under a minute")
+    parser.add_argument("--stack", default="bench", help="the stack to run against (scripts/stack.sh)")
+    parser.add_argument("--port-base", type=int, default=42000, help="the stack's SWARM_PORT_BASE")
+    parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list out of {','.join(SECTIONS)}")
+    parser.add_argument("--token", default=os.environ.get("BENCH_TOKEN"), help="bearer token, if the API wants one")
+    parser.add_argument("--output", type=Path, default=None, help="JSON file (default: bench-results/<time>.json)")
+    for name in DEFAULTS:
+        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=None)
+    args = parser.parse_args(argv)
+    for name, (full, short) in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, short if args.short else full)
+    args.sections = [s for s in args.sections.split(",") if s]
+    unknown = set(args.sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
+    return args
+
+
+async def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    RESULTS_DIR.mkdir(exist_ok=True)
+    logs = {"app": RESULTS_DIR / f"{stamp}-app.log", "simulator": RESULTS_DIR / f"{stamp}-simulator.log"}
+    results: dict[str, Any] = {"meta": _meta(args, stamp, logs)}
+    wanted = set(args.sections)
+
+    progress.say("setup", f"stack {args.stack} (port base {args.port_base})")
+    stack = await asyncio.to_thread(start_services, args.stack, args.port_base)
+    settings = stack.settings
+    if args.token is None:
+        args.token = _mint_token(stack)
+    results["meta"]["bearer_token"] = args.token is not None
+    await fresh_database(stack)
+    enrolled = int(max(args.rt_devices, args.connections)) + 1
+    progress.say("setup", f"enrolling {enrolled} devices (rows, certificates, broker users)")
+    devices = await fleet.enrol(settings, stack.dsn, FLEET_PREFIX, enrolled, stack.run_dir / "bench-devices")
+    probe = devices.ids()[-1]
+
+    if "raw" in wanted or "intake" in wanted:
+        progress.say("raw", f"postgres INSERT+COMMIT, {int(args.concurrency)} connections")
+        db = await raw.database_ceiling(stack.dsn, int(args.concurrency), args.raw_seconds, progress)
+        progress.say("raw", "rabbitmq publish with confirms to amq.topic, 64 in flight")
+        amqp = await raw.broker_ceiling(settings, 64, args.raw_seconds, progress)
+        results["raw"] = {"postgres_insert_commit": db, "amqp_publish_confirmed": amqp}
+        await _forget_raw_rows(stack)
+
+    progress.say("setup", f"starting the app: uvicorn, {args.workers} workers")
+    async with running_app(stack, args.workers, logs["app"]) as app:
+        results["meta"]["app_pids"] = app.pids()
+        if "scale" in wanted:
+            progress.say("scale", "tasks/next on the empty database")
+            empty = await scale.pull_latency(settings, devices, probe, int(args.scale_calls))
+        if "intake" in wanted:
+            results["intake"] = await intake.run(
+                stack.app_port,
+                stack.dsn,
+                devices=int(args.intake_devices),
+                concurrency=int(args.concurrency),
+                duration_s=args.intake_seconds,
+                headers=_headers(args),
+                progress=progress,
+            )
+            ceiling = results["raw"]["postgres_insert_commit"]["per_s"]
+            results["intake"]["ratio_to_db_ceiling"] = round(results["intake"]["persisted_per_s"] / ceiling, 3)
+            results["intake"]["batch"] = {"measured": False, "why": "no batch endpoint (POST /api/v1/tasks/batch)"}
+        if "roundtrip" in wanted:
+            results["roundtrip"] = await roundtrip.run(
+                settings,
+                stack.dsn,
+                devices,
+                app_port=stack.app_port,
+                devices=int(args.rt_devices),
+                rate=args.rt_rate,
+                duration_s=args.rt_seconds,
+                headers=_headers(args),
+                log_file=logs["simulator"],
+                progress=progress,
+            )
+        if "connections" in wanted:
+            results["connections"] = await connections.run(
+                settings,
+                devices,
+                target=int(args.connections),
+                connect_rate=args.connect_rate,
+                hold_s=args.hold_seconds,
+                app_pids=app.pids(),
+                log_file=logs["simulator"],
+                progress=progress,
+            )
+        if "scale" in wanted:
+            progress.say("scale", f"bulk load: {int(args.scale_devices)} devices x {scale.TASKS_PER_DEVICE} tasks")
+            loaded = await scale.load(stack.dsn, int(args.scale_devices), progress)
+            progress.say("scale", "tasks/next on the loaded database")
+            loaded["next_empty_ms"] = empty
+            loaded["next_loaded_ms"] = await scale.pull_latency(settings, devices, probe, int(args.scale_calls))
+            loaded["p50_change_pct"] = round((loaded["next_loaded_ms"]["p50"] / empty["p50"] - 1) * 100, 1)
+            results["scale"] = loaded
+    results["meta"]["loadavg_end"] = os.getloadavg()
+    results["targets"] = _targets(results, args)
+    return results
+
+
+def _mint_token(stack: Stack) -> str | None:
+    """A bearer token from the operator CLI, so the API is measured as a control center uses it."""
+    minted = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "token",
+            "--sub=bench",
+            "--ttl=86400",
+            f"--env-file={stack.run_dir / 'app.env'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    # An app without API authentication has no `token` command: run without a token.
+    return minted.stdout.strip() if minted.returncode == 0 else None
+
+
+def _headers(args: argparse.Namespace) -> dict[str, str]:
+    return {"Authorization": f"Bearer {args.token}"} if args.token else {}
+
+
+async def _forget_raw_rows(stack: Stack) -> None:
+    # Their notices were never sent: the app's re-send job would publish them all during intake.
+    conn = await asyncpg.connect(stack.dsn)
+    try:
+        await conn.execute("DELETE FROM tasks WHERE device_id = $1", raw.RAW_DEVICE)
+        await conn.execute("VACUUM ANALYZE tasks")
+    finally:
+        await conn.close()
+
+
+def _meta(args: argparse.Namespace, stamp: str, logs: dict[str, Path]) -> dict[str, Any]:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "started_at": stamp,
+        "mode": "short" if args.short else "full",
+        "command": " ".join(["python -m bench", *sys.argv[1:]]),
+        "commit": commit.strip(),
+        "machine": {"cpus": os.cpu_count(), "cpu": cpu, "python": platform.python_version()},
+        "loadavg_start": os.getloadavg(),
+        "parameters": {name: getattr(args, name) for name in DEFAULTS} | {"workers": args.workers},
+        "logs": {name: str(path.relative_to(ROOT)) for name, path in logs.items()},
+    }
+
+
+def _targets(results: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The issue's targets against what this run measured (None: not measured in this run)."""
+    targets: list[dict[str, Any]] = []
+
+    def check(name: str, measured: float | None, met: bool | None) -> None:
+        targets.append({"target": name, "measured": measured, "met": met})
+
+    if "intake" in results:
+        persisted = results["intake"]["persisted_per_s"]
+        check("intake >= 5,000 tasks/s", persisted, persisted >= 5000)
+        ratio = results["intake"]["ratio_to_db_ceiling"]
+        check("intake >= 50% of the raw database ceiling", ratio, ratio >= 0.5)
+        check("batch intake >= 50,000 tasks/s", None, None)
+    if "roundtrip" in results:
+        rt = results["roundtrip"]
+        at_target_load = rt["devices"] >= 1000 and rt["offered_per_s"] >= 1000
+        p99 = rt["latency_ms"]["p99"]
+        lost = rt["not_final_after_wait"] + rt["post_errors"]
+        check(
+            "round trip p99 < 50 ms at 1,000 tasks/s, 1,000 devices",
+            p99,
+            p99 < 50 and not lost if at_target_load else None,
+        )
+    if "scale" in results:
+        sc = results["scale"]
+        at_size = sc["tasks"] >= 1_000_000
+        change = sc["p50_change_pct"]
+        check("tasks/next p50 within 20% at 1M stored tasks", change, abs(change) <= 20 if at_size else None)
+    if "connections" in results:
+        stayed = results["connections"]["stayed_connected"]
+        check(">= 10,000 connected TLS devices", stayed, stayed >= 10_000 if args.connections >= 10_000 else None)
+    return targets
+
+
+def print_table(results: dict[str, Any]) -> None:
+    rows: list[tuple[str, str]] = []
+    if "raw" in results:
+        db, amqp = results["raw"]["postgres_insert_commit"], results["raw"]["amqp_publish_confirmed"]
+        rows.append(("raw: postgres INSERT+COMMIT", f"{db['per_s']:,.0f}/s ({db['concurrency']} connections)"))
+        rows.append(("raw: amqp publish, confirmed", f"{amqp['per_s']:,.0f}/s ({amqp['in_flight']} in flight)"))
+    if "intake" in results:
+        it = results["intake"]
+        lat = it["answer_latency_ms"]
+        rows.append(("intake: persisted", f"{it['persisted_per_s']:,.0f} tasks/s ({it['concurrency']} clients)"))
+        rows.append(("intake: noticed", f"{it['noticed_per_s']:,.0f} tasks/s"))
+        rows.append(("intake: ratio to db ceiling", f"{it['ratio_to_db_ceiling']:.0%}"))
+        rows.append(("intake: answer p50/p99", f"{lat['p50']} / {lat['p99']} ms; errors {it['errors'] or 0}"))
+        rows.append(("intake: batch", "not measured: " + it["batch"]["why"]))
+    if "roundtrip" in results:
+        rt = results["roundtrip"]
+        lat = rt["latency_ms"]
+        rows.append(
+            (
+                "round trip: load",
+                f"{rt['offered_per_s']:g}/s offered, {rt['devices']} devices, "
+                f"{rt['completed']} done, {rt['not_final_after_wait']} not final",
+            )
+        )
+        rows.append(("round trip: p50/p95/p99/max", f"{lat['p50']} / {lat['p95']} / {lat['p99']} / {lat['max']} ms"))
+    if "scale" in results:
+        sc = results["scale"]
+        empty, loaded = sc["next_empty_ms"], sc["next_loaded_ms"]
+        rows.append(("scale: stored", f"{sc['devices']:,} devices, {sc['tasks']:,} tasks"))
+        rows.append(("scale: tasks/next empty p50/p99", f"{empty['p50']} / {empty['p99']} ms"))
+        rows.append(
+            ("scale: tasks/next loaded p50/p99", f"{loaded['p50']} / {loaded['p99']} ms ({sc['p50_change_pct']:+}%)")
+        )
+    if "connections" in results:
+        cn = results["connections"]
+        rows.append(
+            (
+                "connections: stayed connected",
+                f"{cn['stayed_connected']:,} of {cn['target']:,} (connect {cn['connect_s']} s)",
+            )
+        )
+        rows.append(
+            (
+                "connections: memory/device",
+                f"broker {cn['broker_bytes_per_device'] / 1024:.0f} KiB, "
+                f"app {cn['app_bytes_per_device'] / 1024:.1f} KiB, "
+                f"simulator {cn['simulator_bytes_per_device'] / 1024:.0f} KiB",
+            )
+        )
+    width = max(len(name) for name, _ in rows) if rows else 0
+    print()
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")
+    print()
+    for target in results.get("targets", []):
+        verdict = {True: "MET", False: "MISSED", None: "not measured at size"}[target["met"]]
+        print(f"  {verdict:<22} {target['target']} (measured: {target['measured']})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    progress = Progress()
+    started = time.monotonic()
+    # uvloop: the load generator must cost as little CPU as it can on a box it shares with the app.
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        results = runner.run(run(args, progress))
+    results["meta"]["wall_s"] = round(time.monotonic() - started, 1)
+    output = args.output or RESULTS_DIR / f"{results['meta']['started_at']}-{results['meta']['mode']}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+    print_table(results)
+    print(f"\n  JSON: {output}  ({results['meta']['wall_s']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Round trip: connected simulated TLS devices run no-op (`echo`) tasks offered at a fixed rate.
+
+Open loop: a task is POSTed every 1/rate seconds whatever the answers do, spread over the devices.
+Latency is from just before the POST (harness clock) to the task's `finished_at` (the app's clock;
+the same machine), i.e. POST, commit, notice, `tasks/next`, execution, result, commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+
+from app.settings import Settings
+from bench.fleet import Fleet
+from bench.http import HttpConnection
+from bench.progress import Progress, percentiles_ms
+from bench.simulator import Simulator, simulating
+
+FINAL_WAIT_S = 30.0
+MAX_CONNECTIONS = 256
+
+
+async def wait_ready(simulator: Simulator, count: int, timeout_s: float, section: str, progress: Progress) -> None:
+    deadline = time.monotonic() + timeout_s
+    async with progress.ticking(section, lambda: f"{simulator.connected} connected, {simulator.ready} ready"):
+        while simulator.ready < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {simulator.ready} of {count} simulated devices became ready")
+            if simulator.process.returncode is not None:
+                raise RuntimeError("the simulator exited")
+            await asyncio.sleep(0.2)
+
+
+async def run(
+    settings: Settings,
+    dsn: str,
+    fleet: Fleet,
+    *,
+    app_port: int,
+    devices: int,
+    rate: float,
+    duration_s: float,
+    headers: dict[str, str],
+    log_file: Path,
+    progress: Progress,
+) -> dict[str, Any]:
+    async with simulating(settings, fleet, devices, connect_rate=300, log_file=log_file) as simulator:
+        await wait_ready(simulator, devices, devices / 100 + 60, "roundtrip", progress)
+        progress.say("roundtrip", f"{devices} devices ready; offering {rate:g} tasks/s for {duration_s:g} s")
+        sent_at, errors = await _offer(app_port, fleet.ids(devices), rate, duration_s, headers, progress)
+        finished = await _finished(dsn, list(sent_at), progress)
+    latencies = [finished[task_id] - sent for task_id, sent in sent_at.items() if task_id in finished]
+    return {
+        "devices": devices,
+        "offered_per_s": rate,
+        "duration_s": duration_s,
+        "posted": len(sent_at),
+        "post_errors": errors,
+        "completed": len(latencies),
+        "not_final_after_wait": len(sent_at) - len(latencies),
+        "achieved_per_s": round(len(latencies) / duration_s, 1),
+        "latency_ms": percentiles_ms(latencies),
+    }
+
+
+async def _offer(
+    app_port: int, ids: list[str], rate: float, duration_s: float, headers: dict[str, str], progress: Progress
+) -> tuple[dict[uuid.UUID, float], int]:
+    idle: list[HttpConnection] = []
+    opened: list[HttpConnection] = []
+    sent_at: dict[uuid.UUID, float] = {}
+    errors = 0
+
+    async def post(device_id: str) -> None:
+        nonlocal errors
+        conn = idle.pop() if idle else None
+        if conn is None:
+            if len(opened) >= MAX_CONNECTIONS:
+                errors += 1  # the app is so far behind that the offered rate cannot be kept
+                return
+            conn = HttpConnection("127.0.0.1", app_port, headers)
+            opened.append(conn)
+        sent = time.time()
+        try:
+            status, body = await conn.post_json(f"/api/v1/devices/{device_id}/tasks", {"method": "echo", "params": {}})
+        except (OSError, asyncio.IncompleteReadError):
+            errors += 1
+            await conn.close()
+            opened.remove(conn)
+            return
+        idle.append(conn)
+        if status == 201:
+            sent_at[uuid.UUID(orjson.loads(body)["id"])] = sent
+        else:
+            errors += 1
+
+    total = int(rate * duration_s)
+    pending: set[asyncio.Task[None]] = set()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with progress.ticking("roundtrip", lambda: f"{len(sent_at)} of {total} tasks posted"):
+        for n in range(total):
+            delay = started + n / rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(post(ids[n % len(ids)]))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        if pending:
+            await asyncio.wait(pending)
+    for conn in opened:
+        await conn.close()
+    return sent_at, errors
+
+
+async def _finished(dsn: str, task_ids: list[uuid.UUID], progress: Progress) -> dict[uuid.UUID, float]:
+    """finished_at (epoch seconds) of the tasks that became final, waiting up to FINAL_WAIT_S for the rest."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        deadline = time.monotonic() + FINAL_WAIT_S
+        while True:
+            rows = await conn.fetch(
+                "SELECT id, finished_at FROM tasks WHERE id = ANY($1::uuid[]) AND finished_at IS NOT NULL", task_ids
+            )
+            if len(rows) == len(task_ids) or time.monotonic() > deadline:
+                return {row["id"]: row["finished_at"].timestamp() for row in rows}
+            progress.say("roundtrip", f"{len(task_ids) - len(rows)} tasks not final yet")
+            await asyncio.sleep(1.0)
+    finally:
+        await conn.close()

@@ -1,0 +1,66 @@
+"""The benchmark harness works: its short mode runs against the test stack and reports every section.
+
+It checks the harness, not the speed: every figure must be there and positive.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, STACK
+
+SECTIONS = {
+    "raw": ["postgres_insert_commit.per_s", "amqp_publish_confirmed.per_s"],
+    "intake": ["persisted_per_s", "noticed_per_s", "ratio_to_db_ceiling", "answer_latency_ms.p50"],
+    "roundtrip": ["completed", "achieved_per_s", "latency_ms.p50", "latency_ms.p99"],
+    "scale": ["tasks", "devices", "next_empty_ms.p50", "next_loaded_ms.p50"],
+    "connections": ["stayed_connected", "broker_bytes_per_device", "simulator_bytes_per_device"],
+}
+
+
+def _figure(results: dict[str, object], path: str) -> object:
+    value: object = results
+    for key in path.split("."):
+        assert isinstance(value, dict), path
+        value = value[key]
+    return value
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_short_mode_reports_every_section(stack_env: dict[str, str], tmp_path: Path) -> None:
+    output = tmp_path / "bench.json"
+    port_base = int(stack_env["SWARM_AMQP_PORT"]) - 672
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--short",
+            f"--stack={STACK}",
+            f"--port-base={port_base}",
+            f"--output={output}",
+        ],
+        cwd=ROOT,
+        env={**os.environ},
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads(output.read_text())
+    for section, figures in SECTIONS.items():
+        for figure in figures:
+            value = _figure(results, f"{section}.{figure}")
+            assert isinstance(value, int | float), f"{section}.{figure} = {value!r}"
+            assert value > 0, f"{section}.{figure} = {value!r}"
+    assert results["roundtrip"]["not_final_after_wait"] == 0
+    assert results["connections"]["stayed_connected"] == results["connections"]["target"]
+    assert {t["target"] for t in results["targets"]}, "the targets are evaluated"
+    assert "intake: persisted" in completed.stdout
