@@ -10,6 +10,7 @@ from faststream.rabbit import RabbitBroker
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.devices.broker_admin import BrokerAdmin
+from app.devices.config import RetainedPublisher
 from app.pki import CertificateAuthority
 from app.settings import Settings
 from app.tasks.notifier import Notifier
@@ -25,6 +26,7 @@ class Runtime:
     notifier: Notifier
     waiters: TaskWaiters
     broker_admin: BrokerAdmin
+    config_publisher: RetainedPublisher
     ca: CertificateAuthority
 
 

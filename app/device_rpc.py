@@ -29,6 +29,7 @@ from faststream.rabbit import QueueType, RabbitBroker, RabbitQueue, RabbitRouter
 from faststream.rabbit.annotations import RabbitMessage
 from pydantic import BaseModel, ValidationError
 
+from app import metrics
 from app.broker import AMQ_TOPIC, DEAD_LETTER_EXCHANGE, publish_to_device
 from app.errors import INFRASTRUCTURE_ERRORS, AppError
 from swarm_device.protocol import REQUEST_ID_MAX_LENGTH, ErrorCode, Request, reply_topic
@@ -152,6 +153,7 @@ class DeviceRpcRouter:
         except AppError as exc:
             reply = encode_reply(request_id, error=(exc.code, exc.detail))
         except Exception:
+            metrics.CONSUMER_ERRORS.labels(handler.__name__).inc()
             if _deliveries(message) + 1 < DELIVERY_LIMIT:
                 log.exception("request from %s failed; it will be redelivered", device_id)
                 await message.nack(requeue=True)
@@ -161,6 +163,7 @@ class DeviceRpcRouter:
                 message, device_id, encode_reply(request_id, error=(ErrorCode.INTERNAL, "internal error"))
             )
             await message.reject(requeue=False)
+            metrics.DEAD_LETTERED.labels(handler.__name__).inc()
             return
         await self._reply(message, device_id, reply)
         await message.ack()

@@ -1,4 +1,4 @@
-"""Liveness and readiness."""
+"""Liveness, readiness and Prometheus metrics."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import asyncio
 
 from fastapi import APIRouter
 from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from sqlalchemy import text
 
+from app import metrics
 from app.dependencies import RuntimeDep
 
 router = APIRouter(tags=["health"])
@@ -40,3 +42,9 @@ async def readyz(runtime: RuntimeDep) -> Response:
     ready = all(v == "ok" for v in checks.values())
     body = Health(status="ok" if ready else "unavailable", checks=checks)
     return Response(body.model_dump_json(), status_code=200 if ready else 503, media_type="application/json")
+
+
+@router.get("/metrics", response_class=Response)
+async def prometheus_metrics(runtime: RuntimeDep) -> Response:
+    """Prometheus metrics: tasks by state, durations, consumer errors, dead letters, connected devices."""
+    return Response(await metrics.exposition(runtime.sessions), media_type=CONTENT_TYPE_LATEST)

@@ -10,6 +10,7 @@ from typing import TypedDict
 from fastapi import FastAPI
 
 from app import pki
+from app.asyncapi import document_down_topics
 from app.broker import create_broker, declare_dead_letter_path
 from app.db import create_engine, create_sessionmaker
 from app.dependencies import Runtime
@@ -18,6 +19,7 @@ from app.devices import messaging as device_messaging
 from app.devices import presence
 from app.devices import service as devices
 from app.devices.broker_admin import BrokerAdmin
+from app.devices.config import RetainedPublisher
 from app.errors import BrokerAdminError
 from app.scheduler import create_scheduler
 from app.settings import Settings
@@ -43,6 +45,7 @@ async def run_resources(settings: Settings) -> AsyncIterator[Runtime]:
     device_messaging.register(rpc, sessions)
     presence.register(rpc.router, sessions)
     broker.include_router(rpc.router)
+    document_down_topics(broker)
     runtime = Runtime(
         settings=settings,
         engine=engine,
@@ -51,6 +54,7 @@ async def run_resources(settings: Settings) -> AsyncIterator[Runtime]:
         notifier=Notifier(broker, sessions),
         waiters=TaskWaiters(asyncpg_dsn(settings.database.url.get_secret_value())),
         broker_admin=BrokerAdmin.from_settings(settings.broker),
+        config_publisher=RetainedPublisher(settings.broker),
         ca=pki.load_ca_files(settings.pki.ca_cert_file, settings.pki.ca_key_file),
     )
     scheduler = create_scheduler(runtime)

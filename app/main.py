@@ -7,7 +7,7 @@ import logging
 
 from fastapi import APIRouter, FastAPI
 
-from app import health
+from app import asyncapi, health
 from app.devices import router as devices
 from app.errors import install_error_handlers
 from app.lifespan import lifespan_for
@@ -29,6 +29,7 @@ def create_app(settings: Settings) -> FastAPI:
     api.include_router(tasks.router)
     app.include_router(api)
     app.include_router(health.router)
+    app.include_router(asyncapi.router)
     install_error_handlers(app)
     return app
 

@@ -20,6 +20,7 @@ def periodic_jobs(runtime: Runtime) -> list[tuple[Job, float]]:
         (task_jobs.expire_tasks, intervals.expiry_interval_s),
         (task_jobs.resend_notices, intervals.notices_interval_s),
         (device_jobs.reconcile_presence, intervals.presence_interval_s),
+        (device_jobs.publish_configs, intervals.configs_interval_s),
     ]
 
 

@@ -55,6 +55,7 @@ class SchedulerSettings(BaseModel):
     expiry_interval_s: float = 5.0
     notices_interval_s: float = 5.0
     presence_interval_s: float = 300.0
+    configs_interval_s: float = 10.0
 
 
 class Settings(BaseSettings):

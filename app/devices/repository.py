@@ -148,3 +148,38 @@ async def active_ids_among(session: AsyncSession, device_ids: Sequence[str]) -> 
     ids = bindparam("device_ids", list(device_ids), type_=ARRAY(String))
     stmt = select(Device.id).where(Device.id == any_(ids), Device.revoked_at.is_(None))
     return set((await session.execute(stmt)).scalars())
+
+
+async def set_desired_config(session: AsyncSession, device_id: str, desired: dict[str, Any]) -> None:
+    await session.execute(
+        update(Device)
+        .where(Device.id == device_id)
+        .values(desired_config=desired, desired_at=func.now(), config_due_at=func.now(), updated_at=func.now())
+    )
+
+
+async def lock_config_due(
+    session: AsyncSession, device_ids: Sequence[str] | None, limit: int = 500
+) -> Sequence[Device]:
+    """Active devices whose desired configuration still has to be published, locked (SKIP LOCKED
+    for the periodic job, waiting for the named ones)."""
+    stmt = (
+        select(Device)
+        .where(Device.config_due_at.is_not(None), Device.revoked_at.is_(None))
+        .order_by(Device.config_due_at)
+        .limit(limit)
+    )
+    if device_ids is None:
+        stmt = stmt.with_for_update(skip_locked=True)
+    else:
+        stmt = stmt.where(Device.id.in_(device_ids)).with_for_update()
+    return (await session.execute(stmt.execution_options(populate_existing=True))).scalars().all()
+
+
+async def clear_config_due(session: AsyncSession, device_ids: Sequence[str]) -> None:
+    await session.execute(
+        update(Device)
+        .where(Device.id.in_(device_ids))
+        .values(config_due_at=None)
+        .execution_options(synchronize_session=False)
+    )

@@ -1,12 +1,19 @@
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Response, status
 
 from app.dependencies import RuntimeDep
-from app.devices import service
-from app.devices.schemas import CertificateIssued, CertificateRequest, DeviceCreate, DevicePage, DeviceRead
+from app.devices import config, service
+from app.devices.schemas import (
+    CertificateIssued,
+    CertificateRequest,
+    DeviceConfigRead,
+    DeviceCreate,
+    DevicePage,
+    DeviceRead,
+)
 from swarm_device.protocol import DEVICE_ID_PATTERN
 
 router = APIRouter(prefix="/devices", tags=["devices"])
@@ -43,6 +50,18 @@ async def get_device(device_id: DeviceIdPath, runtime: RuntimeDep) -> DeviceRead
 async def revoke_device(device_id: DeviceIdPath, runtime: RuntimeDep) -> DeviceRead:
     """Revoke: broker user removed, connections closed, open tasks canceled, certificates revoked."""
     return await service.revoke_device(runtime.sessions, runtime.broker_admin, runtime.notifier, device_id)
+
+
+@router.put("/{device_id}/config")
+async def put_config(device_id: DeviceIdPath, desired: dict[str, Any], runtime: RuntimeDep) -> DeviceConfigRead:
+    """Store the desired configuration and publish it retained on `dev/{id}/down/config`."""
+    return await config.set_desired(runtime.sessions, runtime.config_publisher, device_id, desired)
+
+
+@router.get("/{device_id}/config")
+async def get_config(device_id: DeviceIdPath, runtime: RuntimeDep) -> DeviceConfigRead:
+    """Desired and reported configuration, and whether they agree."""
+    return await config.get_config(runtime.sessions, device_id)
 
 
 @router.post("/{device_id}/certificate", status_code=status.HTTP_201_CREATED)

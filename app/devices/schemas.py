@@ -62,3 +62,13 @@ class CertificateIssued(BaseModel):
     private_key_pem: str | None = Field(default=None, description="Only when the core made the key pair.")
     mqtt_host: str
     mqtt_port: int
+
+
+class DeviceConfigRead(BaseModel):
+    device_id: str
+    desired: dict[str, Any] | None
+    desired_at: datetime | None
+    reported: dict[str, Any] | None = Field(description="What the device last reported with its `state` method.")
+    reported_at: datetime | None
+    in_sync: bool = Field(description="The reported configuration equals the desired one.")
+    published: bool = Field(description="The desired configuration was acknowledged by the broker (retained).")

@@ -28,7 +28,8 @@ def to_read(device: Device) -> DeviceRead:
     return DeviceRead.model_validate(device)
 
 
-async def _active_device(session: AsyncSession, device_id: str, *, lock: bool = False) -> Device:
+async def active_device(session: AsyncSession, device_id: str, *, lock: bool = False) -> Device:
+    """The device, if it exists and is not revoked (else NotFound); row-locked with `lock`."""
     device = await repo.get_device(session, device_id, lock=lock)
     if device is None or device.revoked_at is not None:
         raise NotFound(f"device {device_id!r} does not exist")
@@ -76,7 +77,7 @@ async def issue_certificate(
     else:
         certificate = pki.sign_device_csr(ca, csr_pem.encode(), device_id, days)
     async with sessions() as session:
-        await _active_device(session, device_id, lock=True)
+        await active_device(session, device_id, lock=True)
         await repo.add_certificate(
             session,
             DeviceCertificate(
@@ -104,7 +105,7 @@ async def revoke_device(sessions: Sessions, admin: BrokerAdmin, notifier: Notifi
     """Revoke: record it (certificates too), cancel open tasks, then remove the broker user and
     close the device's connections."""
     async with sessions() as session:
-        device = await _active_device(session, device_id, lock=True)
+        device = await active_device(session, device_id, lock=True)
         device.revoked_at = device.updated_at = datetime.now(UTC)
         device.online = False
         await repo.revoke_certificates(session, device_id)
@@ -130,7 +131,7 @@ async def hello(sessions: Sessions, device_id: str, params: HelloParams) -> Devi
 
 async def report_state(sessions: Sessions, device_id: str, params: StateParams) -> None:
     async with sessions() as session:
-        await _active_device(session, device_id)
+        await active_device(session, device_id)
         await repo.record_state(session, device_id, params.reported)
         await session.commit()
 

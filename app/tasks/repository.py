@@ -25,6 +25,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app import metrics
 from app.tasks.models import Task, TaskBatch, TaskEvent
 from app.tasks.schemas import TaskFilter
 from swarm_device.protocol import PENDING_STATUSES, TaskStatus
@@ -92,7 +93,10 @@ async def claim_next(session: AsyncSession, device_id: str) -> Task | None:
         .returning(Task)
         .execution_options(synchronize_session=False)
     )
-    return (await session.execute(stmt)).scalar_one_or_none()
+    task = (await session.execute(stmt)).scalar_one_or_none()
+    if task is not None:
+        metrics.CREATED_TO_IN_PROGRESS.observe(metrics.seconds_between(task.created_at, task.started_at))
+    return task
 
 
 def set_status(task: Task, status: TaskStatus, **changes: Any) -> None:
@@ -105,6 +109,7 @@ def set_status(task: Task, status: TaskStatus, **changes: Any) -> None:
         task.finished_at = now
         task.deadline_at = None
         task.notice_due_at = None
+        metrics.CREATED_TO_FINAL.labels(status.value).observe(metrics.seconds_between(task.created_at, now))
     for name, value in changes.items():
         setattr(task, name, value)
 
@@ -128,12 +133,15 @@ async def extend_deadline(session: AsyncSession, task: Task, status_details: dic
 async def mark_noticed(session: AsyncSession, routed: Sequence[uuid.UUID], unrouted: Sequence[uuid.UUID]) -> None:
     """The broker confirmed these notices: routed ones make QUEUED tasks SENT; all leave the outbox."""
     if routed:
-        await session.execute(
+        sent = await session.execute(
             update(Task)
             .where(Task.id.in_(routed), Task.status == TaskStatus.QUEUED)
             .values(status=TaskStatus.SENT, version=Task.version + 1, sent_at=func.now(), updated_at=func.now())
+            .returning(Task.created_at, Task.sent_at)
             .execution_options(synchronize_session=False)
         )
+        for created_at, sent_at in sent:
+            metrics.CREATED_TO_SENT.observe(metrics.seconds_between(created_at, sent_at))
     await session.execute(
         update(Task)
         .where(Task.id.in_([*routed, *unrouted]), Task.notice_due_at.is_not(None))
@@ -241,9 +249,5 @@ async def insert_batch_tasks(
         literal(batch.id, type_=Uuid),
         *(literal(getattr(template, name), type_=Task.__table__.c[name].type) for name in copied),
     )
-    stmt = (
-        insert(Task)
-        .from_select(["id", "device_id", "batch_id", *copied], rows)
-        .returning(Task.id, Task.device_id)
-    )
+    stmt = insert(Task).from_select(["id", "device_id", "batch_id", *copied], rows).returning(Task.id, Task.device_id)
     return [(row.id, row.device_id) for row in await session.execute(stmt)]
