@@ -56,7 +56,7 @@ lint: ## ruff check, ruff format --check, mypy
 
 # The benchmark runs on its own stack (own ports, own database swarm_bench), never on dev or test.
 BENCH_STACK ?= bench
-BENCH_PORT_BASE ?= 42000
+BENCH_PORT_BASE ?= 43000
 
 bench: install ## the full benchmark: prints a table, JSON in bench-results/ (BENCH_ARGS=... to pass options)
 	@$(VENV)/python -m bench --stack $(BENCH_STACK) --port-base $(BENCH_PORT_BASE) $(BENCH_ARGS)

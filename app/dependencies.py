@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.devices.broker_admin import BrokerAdmin
 from app.devices.config import RetainedPublisher
+from app.events.feed import EventFeed
 from app.pki import CertificateAuthority
 from app.settings import Settings
 from app.tasks.notifier import Notifier
@@ -27,6 +28,7 @@ class Runtime:
     waiters: TaskWaiters
     broker_admin: BrokerAdmin
     config_publisher: RetainedPublisher
+    events: EventFeed
     ca: CertificateAuthority
 
 

@@ -21,6 +21,7 @@ from app.devices import service as devices
 from app.devices.broker_admin import BrokerAdmin
 from app.devices.config import RetainedPublisher
 from app.errors import BrokerAdminError
+from app.events.feed import EventFeed
 from app.scheduler import create_scheduler
 from app.settings import Settings
 from app.tasks import messaging as task_messaging
@@ -55,6 +56,7 @@ async def run_resources(settings: Settings) -> AsyncIterator[Runtime]:
         waiters=TaskWaiters(asyncpg_dsn(settings.database.url.get_secret_value())),
         broker_admin=BrokerAdmin.from_settings(settings.broker),
         config_publisher=RetainedPublisher(settings.broker),
+        events=EventFeed(asyncpg_dsn(settings.database.url.get_secret_value())),
         ca=pki.load_ca_files(settings.pki.ca_cert_file, settings.pki.ca_key_file),
     )
     scheduler = create_scheduler(runtime)
@@ -64,6 +66,7 @@ async def run_resources(settings: Settings) -> AsyncIterator[Runtime]:
         await broker.start()
         runtime.notifier.start()
         runtime.waiters.start()
+        runtime.events.start()
         await _reconcile(runtime)
         if settings.scheduler.enabled:
             scheduler.start()
@@ -71,6 +74,7 @@ async def run_resources(settings: Settings) -> AsyncIterator[Runtime]:
     finally:
         if scheduler.running:
             scheduler.shutdown(wait=False)
+        await runtime.events.stop()
         await runtime.waiters.stop()
         await runtime.notifier.stop()
         await broker.stop()

@@ -10,6 +10,7 @@ from fastapi import APIRouter, FastAPI
 from app import asyncapi, health
 from app.devices import router as devices
 from app.errors import install_error_handlers
+from app.events import router as events
 from app.lifespan import lifespan_for
 from app.settings import Settings, get_settings
 from app.tasks import router as tasks
@@ -27,6 +28,7 @@ def create_app(settings: Settings) -> FastAPI:
     api = APIRouter(prefix=API_PREFIX)
     api.include_router(devices.router)
     api.include_router(tasks.router)
+    api.include_router(events.router)
     app.include_router(api)
     app.include_router(health.router)
     app.include_router(asyncapi.router)

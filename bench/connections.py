@@ -53,7 +53,13 @@ async def run(
         started = time.monotonic()
         best, best_at = 0, started
         async with progress.ticking("connections", lambda: f"{simulator.connected} of {target} connected"):
-            while simulator.connected < target and time.monotonic() - best_at < PLATEAU_S:
+            # Give up at a plateau, or when connecting takes three times what the rate allows.
+            give_up_at = started + 3 * target / connect_rate + PLATEAU_S
+            while (
+                simulator.connected < target
+                and time.monotonic() - best_at < PLATEAU_S
+                and time.monotonic() < give_up_at
+            ):
                 if simulator.process.returncode is not None:
                     raise RuntimeError("the simulator exited")
                 if simulator.connected > best:

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import asyncpg
+import orjson
 
 from bench.fleet import insert_devices
 from bench.http import HttpConnection
@@ -88,3 +89,53 @@ async def _until_all_noticed(dsn: str, started: float, progress: Progress) -> fl
         return None
     finally:
         await conn.close()
+
+
+async def run_batch(
+    base_port: int,
+    dsn: str,
+    *,
+    devices: int,
+    clients: int,
+    duration_s: float,
+    headers: dict[str, str],
+    progress: Progress,
+) -> dict[str, Any]:
+    """POST /tasks/batch, one task for each of the intake devices per batch, `clients` at a time."""
+    device_ids = [f"{PREFIX}{n}" for n in range(1, devices + 1)]
+    created = 0
+    errors: dict[int, int] = {}
+    latencies: list[float] = []
+
+    async def client(stop_at: float) -> None:
+        nonlocal created
+        conn = HttpConnection("127.0.0.1", base_port, headers)
+        try:
+            while time.monotonic() < stop_at:
+                sent = time.perf_counter()
+                status, body = await conn.post_json(
+                    "/api/v1/tasks/batch", {"method": "echo", "params": {}, "device_ids": device_ids}
+                )
+                latencies.append(time.perf_counter() - sent)
+                if status == 201:
+                    created += orjson.loads(body)["task_count"]
+                else:
+                    errors[status] = errors.get(status, 0) + 1
+        finally:
+            await conn.close()
+
+    started = time.monotonic()
+    async with progress.ticking("batch", lambda: f"{created} tasks created in batches of {devices}"):
+        await asyncio.gather(*(client(started + duration_s) for _ in range(clients)))
+    persisted_s = time.monotonic() - started
+    noticed_s = await _until_all_noticed(dsn, started, progress)
+    return {
+        "measured": True,
+        "batch_size": devices,
+        "clients": clients,
+        "created": created,
+        "errors": errors,
+        "persisted_per_s": round(created / persisted_s, 1),
+        "noticed_per_s": round(created / noticed_s, 1) if noticed_s else 0.0,
+        "answer_latency_ms": percentiles_ms(latencies),
+    }

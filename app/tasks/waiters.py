@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
 
-import asyncpg
 from sqlalchemy.engine import make_url
 
-log = logging.getLogger(__name__)
+from app.pg_notify import listen_forever
 
 CHANNEL = "swarm_task_final"
 
@@ -56,29 +54,14 @@ class TaskWaiters:
         for event in self._events.get(task_id, ()):
             event.set()
 
-    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+    def _on_notify(self, payload: str) -> None:
         with contextlib.suppress(ValueError):
             self._wake(uuid.UUID(payload))
 
+    def _wake_all(self) -> None:
+        # Anything that finished while nobody listened is re-read by its waiter.
+        for task_id in list(self._events):
+            self._wake(task_id)
+
     async def _listen_forever(self) -> None:
-        backoff = 0.5
-        while True:
-            try:
-                conn = await asyncpg.connect(self._dsn, timeout=5)
-            except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-                log.warning("long-poll listener cannot connect (%r); retrying in %.1fs", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
-                continue
-            backoff = 0.5
-            closed = asyncio.Event()
-            try:
-                conn.add_termination_listener(lambda _c, closed=closed: closed.set())
-                await conn.add_listener(CHANNEL, self._on_notify)
-                # Wake everyone once: anything that finished while we were not listening is re-read.
-                for task_id in list(self._events):
-                    self._wake(task_id)
-                await closed.wait()
-            finally:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(conn.close(), 2)
+        await listen_forever(self._dsn, CHANNEL, self._on_notify, self._wake_all)

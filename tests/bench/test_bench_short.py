@@ -17,7 +17,13 @@ from tests.conftest import ROOT, STACK
 
 SECTIONS = {
     "raw": ["postgres_insert_commit.per_s", "amqp_publish_confirmed.per_s"],
-    "intake": ["persisted_per_s", "noticed_per_s", "ratio_to_db_ceiling", "answer_latency_ms.p50"],
+    "intake": [
+        "persisted_per_s",
+        "noticed_per_s",
+        "ratio_to_db_ceiling",
+        "answer_latency_ms.p50",
+        "batch.persisted_per_s",
+    ],
     "roundtrip": ["completed", "achieved_per_s", "latency_ms.p50", "latency_ms.p99"],
     "scale": ["tasks", "devices", "next_empty_ms.p50", "next_loaded_ms.p50"],
     "connections": ["stayed_connected", "broker_bytes_per_device", "simulator_bytes_per_device"],

@@ -23,7 +23,7 @@ from app.settings import Settings
 from app.tasks.waiters import asyncpg_dsn
 from tests.conftest import DeviceCredentials, unique_device_id
 
-DEVICES = int(os.environ.get("SWARM_BATCH_DEVICES", "200"))
+DEVICES = int(os.environ.get("SWARM_BATCH_DEVICES", "50"))
 TASKS_PER_DEVICE = 10
 ENROL_CONCURRENCY = 16
 

@@ -1,0 +1,44 @@
+"""SQL for the event log: task events and device events share one id sequence."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Row, func, literal, null, select, union_all
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.events.models import DeviceEvent
+from app.tasks.models import Task, TaskEvent
+
+
+async def events_after(session: AsyncSession, after: int, limit: int) -> Sequence[Row[Any]]:
+    """Events with an id above `after`, oldest first, with the device of each (all devices, so
+    that the reader sees gaps in the id sequence)."""
+    tasks = select(
+        TaskEvent.id,
+        Task.device_id,
+        TaskEvent.task_id,
+        TaskEvent.version,
+        TaskEvent.status.label("name"),
+        TaskEvent.attempt,
+        TaskEvent.details,
+        TaskEvent.created_at,
+    ).join(Task, Task.id == TaskEvent.task_id)
+    devices = select(
+        DeviceEvent.id,
+        DeviceEvent.device_id,
+        null(),
+        null(),
+        DeviceEvent.event,
+        null(),
+        null(),
+        DeviceEvent.created_at,
+    )
+    both = union_all(tasks.where(TaskEvent.id > after), devices.where(DeviceEvent.id > after)).subquery()
+    return (await session.execute(select(both).order_by(both.c.id).limit(limit))).all()
+
+
+async def last_event_id(session: AsyncSession) -> int:
+    newest = union_all(select(func.max(TaskEvent.id)), select(func.max(DeviceEvent.id)), select(literal(0)))
+    return int(await session.scalar(select(func.max(newest.subquery().c[0]))) or 0)
