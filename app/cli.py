@@ -1,4 +1,5 @@
-"""Operator command line: `python -m app.cli enrol ...` (talks to the core's HTTP API like any client)."""
+"""Operator command line: `python -m app.cli enrol ...` (talks to the core's HTTP API like any client),
+`python -m app.cli token ...` (mints a bearer token with the stack's signing key)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import sys
 from pathlib import Path
 
 import httpx
+
+from app.auth import Scope, mint_token
+from app.settings import Settings
 
 
 def enrol(api: str, device_ids: list[str], cert_dir: Path, headers: dict[str, str], verify: str | bool) -> int:
@@ -46,7 +50,18 @@ def main(argv: list[str] | None = None) -> int:
     enrol_cmd.add_argument("--cert-dir", type=Path, default=Path(".run/dev/devices"))
     enrol_cmd.add_argument("--token", default=None, help="a bearer token (when the API requires one)")
     enrol_cmd.add_argument("--cacert", default=None, help="CA file to verify an HTTPS API with")
+    token_cmd = commands.add_parser("token", help="print a bearer token for an operator")
+    token_cmd.add_argument("--sub", default="operator", help="who the token is for (its subject)")
+    token_cmd.add_argument(
+        "--scope", action="append", choices=list(Scope), help="repeat for several (default: all scopes)"
+    )
+    token_cmd.add_argument("--ttl", type=int, default=3600, help="seconds the token is valid")
+    token_cmd.add_argument("--env-file", type=Path, help="settings file, e.g. .run/dev/app.env (default: APP_*)")
     args = parser.parse_args(argv)
+    if args.command == "token":
+        settings = Settings(_env_file=args.env_file)
+        print(mint_token(settings.auth, args.sub, args.scope or list(Scope), args.ttl))
+        return 0
     headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
     verify: str | bool = args.cacert or True
     ids = [f"{args.prefix}{n}" for n in range(args.start, args.start + args.count)]

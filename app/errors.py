@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import orjson
@@ -22,6 +23,7 @@ class AppError(Exception):
     status: ClassVar[int] = 500
     code: ClassVar[ErrorCode] = ErrorCode.INTERNAL
     title: ClassVar[str] = "Internal error"
+    headers: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, detail: str, **extra: Any) -> None:
         super().__init__(detail)
@@ -47,6 +49,21 @@ class Conflict(AppError):
     title = "Conflict"
 
 
+class Unauthorized(AppError):
+    """No bearer token, or one that is not valid for us (RFC 6750)."""
+
+    status = 401
+    title = "Unauthorized"
+    headers = {"WWW-Authenticate": 'Bearer realm="swarm-core"'}
+
+
+class Forbidden(AppError):
+    """A valid token without the scope that the operation needs."""
+
+    status = 403
+    title = "Forbidden"
+
+
 class Unavailable(AppError):
     status = 503
     code = ErrorCode.INTERNAL
@@ -68,7 +85,9 @@ def problem(status: int, title: str, detail: str, instance: str, **extra: Any) -
 
 async def _app_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, AppError)
-    return problem(exc.status, exc.title, exc.detail, request.url.path, **exc.extra)
+    response = problem(exc.status, exc.title, exc.detail, request.url.path, **exc.extra)
+    response.headers.update(exc.headers)
+    return response
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from app import pki
 from app.asyncapi import document_down_topics
+from app.auth import TokenVerifier
 from app.broker import create_broker, declare_dead_letter_path
 from app.db import create_engine, create_sessionmaker
 from app.dependencies import Runtime
@@ -58,6 +59,7 @@ async def run_resources(settings: Settings) -> AsyncIterator[Runtime]:
         config_publisher=RetainedPublisher(settings.broker),
         events=EventFeed(asyncpg_dsn(settings.database.url.get_secret_value())),
         ca=pki.load_ca_files(settings.pki.ca_cert_file, settings.pki.ca_key_file),
+        tokens=TokenVerifier(settings.auth),
     )
     scheduler = create_scheduler(runtime)
     try:

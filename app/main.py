@@ -5,9 +5,10 @@ from __future__ import annotations
 import gc
 import logging
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 
 from app import asyncapi, health
+from app.dependencies import authenticate
 from app.devices import router as devices
 from app.errors import install_error_handlers
 from app.events import router as events
@@ -25,7 +26,8 @@ def create_app(settings: Settings) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan_for(settings),
     )
-    api = APIRouter(prefix=API_PREFIX)
+    # Every API route needs a valid bearer token; each route names the scope it needs.
+    api = APIRouter(prefix=API_PREFIX, dependencies=[Depends(authenticate)])
     api.include_router(devices.router)
     api.include_router(tasks.router)
     api.include_router(events.router)

@@ -40,6 +40,19 @@ class PkiSettings(BaseModel):
     device_cert_days: int = 825
 
 
+class AuthSettings(BaseModel):
+    """Bearer JWTs (ES256) of the control center, checked by nginx and again here, with scopes."""
+
+    # Off only for a throw-away local run: every request then has every scope.
+    enabled: bool = True
+    public_key_file: Path = Path(".run/dev/secrets/jwt-public.pem")
+    # Only the operator CLI signs tokens (`python -m app.cli token`); the app never reads it.
+    signing_key_file: Path = Path(".run/dev/secrets/jwt-signing.key")
+    audience: str = "swarm-core"
+    issuer: str = "swarm-core"
+    leeway_s: float = 10.0
+
+
 class TaskSettings(BaseModel):
     default_timeout_s: int = 300
     default_max_attempts: int = 3
@@ -65,6 +78,7 @@ class Settings(BaseSettings):
     database: DatabaseSettings = DatabaseSettings()
     broker: BrokerSettings = BrokerSettings()
     pki: PkiSettings = PkiSettings()
+    auth: AuthSettings = AuthSettings()
     tasks: TaskSettings = TaskSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
 

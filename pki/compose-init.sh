@@ -17,6 +17,14 @@ bash "$PKI_SH" server "$OUT" rabbitmq localhost DNS:localhost,DNS:rabbitmq,IP:12
 bash "$PKI_SH" server "$OUT" nginx localhost DNS:localhost,DNS:nginx,IP:127.0.0.1
 bash "$PKI_SH" client "$OUT" core swarm-core
 
+# Operator tokens (ES256), made once: nginx and the app verify with the public key; the private
+# key signs tokens in `docker compose exec app python -m app.cli token`.
+if [ ! -s "$OUT/jwt-signing.key" ]; then
+    (umask 077 && openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$OUT/jwt-signing.key")
+fi
+openssl pkey -in "$OUT/jwt-signing.key" -pubout -out "$OUT/jwt-public.pem"
+chmod 644 "$OUT/jwt-public.pem"
+
 # RabbitMQ's rabbit_password_hashing_sha256: base64(salt(4) + sha256(salt + password)).
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
@@ -52,5 +60,5 @@ mv "$OUT/definitions.json.tmp" "$OUT/definitions.json"
 
 chown "$RABBITMQ_UID:$RABBITMQ_UID" "$OUT/rabbitmq.key" "$OUT/definitions.json"
 chmod 600 "$OUT/definitions.json"
-chown "$APP_UID:$APP_UID" "$OUT/ca.key" "$OUT/core.key"
+chown "$APP_UID:$APP_UID" "$OUT/ca.key" "$OUT/core.key" "$OUT/jwt-signing.key"
 echo "pki: ready in $OUT"

@@ -109,19 +109,24 @@ cmd_status() {
 
 cmd_info() {
     load_env
-    local url="http://127.0.0.1:$SWARM_APP_PORT"
+    local url="https://localhost:$SWARM_NGINX_PORT"
+    local tls="--cacert $APP_PKI__CA_CERT_FILE"
     cat <<EOF
 
-Swarm Core ($STACK) is up.
-  API docs:  $url/docs
+Swarm Core ($STACK) is up, behind nginx at $url (TLS with the stack's CA, bearer JWT).
+  API docs:  $url/docs   (the app itself: http://127.0.0.1:$SWARM_APP_PORT)
   log:       $LOGFILE        settings: $APP_ENV
 
+A token (every scope, valid 1 h; --scope, --ttl, --sub: see --help), from this folder:
+  TOKEN=\$(.venv/bin/python -m app.cli token --env-file $APP_ENV)
+
 Create a device and give it a task:
-  curl -X POST $url/api/v1/devices -H 'content-type: application/json' -d '{"id":"dev-1"}'
-  curl -X POST $url/api/v1/devices/dev-1/tasks -H 'content-type: application/json' -d '{"method":"reboot","params":{}}'
+  curl $tls -X POST $url/api/v1/devices -H "Authorization: Bearer \$TOKEN" -H 'content-type: application/json' -d '{"id":"dev-1"}'
+  curl $tls -X POST $url/api/v1/devices/dev-1/tasks -H "Authorization: Bearer \$TOKEN" -H 'content-type: application/json' -d '{"method":"reboot","params":{}}'
+  curl $tls "$url/api/v1/tasks?device_id=dev-1" -H "Authorization: Bearer \$TOKEN"
 
 Enrol devices dev-1..dev-3 (their keys and certificates go to $RUN/devices/), then run them:
-  .venv/bin/python -m app.cli enrol --api $url/api/v1 --prefix dev- --count 3 --cert-dir $RUN/devices
+  .venv/bin/python -m app.cli enrol --api $url/api/v1 --token "\$TOKEN" $tls --prefix dev- --count 3 --cert-dir $RUN/devices
   .venv/bin/swarm-device-sim --count 3 --prefix dev- --host $APP_BROKER__MQTT_HOST --port $APP_BROKER__MQTT_PORT \\
       --ca $APP_BROKER__CA_FILE --cert-dir $RUN/devices
 

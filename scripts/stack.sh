@@ -38,12 +38,19 @@ MGMT_PORT=$((BASE + 673))
 MQTTS_PORT=$((BASE + 883))
 DIST_PORT=$((AMQP_PORT + 20000))
 APP_PORT=$((BASE + 800))
-NGINX_PORT=$((BASE + 443)) # reserved for nginx (TLS termination)
+NGINX_PORT=$((BASE + 443))
 
 RUN="$ROOT/.run/$STACK"
 PKI="$RUN/pki"
 SECRETS="$RUN/secrets"
 APP_ENV="$RUN/app.env"
+# Operator tokens: ES256, signed by the CLI with the private key; nginx and the app get only the
+# public key.
+JWT_SIGNING_KEY="$SECRETS/jwt-signing.key"
+JWT_PUBLIC_KEY="$SECRETS/jwt-public.pem"
+JWT_AUDIENCE=swarm-core
+JWT_ISSUER=swarm-core
+NGINX_DIR="$RUN/nginx"
 
 PGBIN=/usr/lib/postgresql/15/bin
 PG_DIR="$RUN/pg"
@@ -178,6 +185,18 @@ pki_up() {
     bash "$pki_sh" server "$PKI" rabbitmq localhost DNS:localhost,IP:127.0.0.1 >/dev/null
     bash "$pki_sh" server "$PKI" nginx localhost DNS:localhost,IP:127.0.0.1 >/dev/null
     bash "$pki_sh" client "$PKI" core "$CORE_USER" >/dev/null
+}
+
+# The token signing key pair, made once (rotating it would void every operator's token).
+jwt_keys() {
+    if [[ ! -s "$JWT_SIGNING_KEY" ]]; then
+        (umask 077 && openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$JWT_SIGNING_KEY.tmp" 2>/dev/null)
+        mv "$JWT_SIGNING_KEY.tmp" "$JWT_SIGNING_KEY"
+        rm -f "$JWT_PUBLIC_KEY"
+    fi
+    if [[ ! -s "$JWT_PUBLIC_KEY" ]]; then
+        openssl pkey -in "$JWT_SIGNING_KEY" -pubout -out "$JWT_PUBLIC_KEY"
+    fi
 }
 
 # ------------------------------------------------------------------------------------ PostgreSQL
@@ -432,6 +451,59 @@ rmq_up() {
     rmq_bootstrapped || rmq_bootstrap
 }
 
+# ----------------------------------------------------------------------------------------- nginx
+
+# nginx daemonizes by default; -t tests the config, -s reload signals the master by the pid file.
+nginx_cmd() { nginx -p "$NGINX_DIR/" -c nginx.conf -e logs/error.log -g "pid $NGINX_DIR/nginx.pid;" "$@"; }
+
+nginx_pid() {
+    local pid
+    [[ -s "$NGINX_DIR/nginx.pid" ]] || return 1
+    pid="$(cat "$NGINX_DIR/nginx.pid")"
+    [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+    # Only the master we started (its command line keeps our prefix), not a reused pid.
+    tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -qF "$NGINX_DIR/" || return 1
+    echo "$pid"
+}
+
+# Renders nginx/nginx.conf.template for this stack; starts nginx, or reloads it when its config
+# or its njs changed.
+nginx_up() {
+    command -v nginx >/dev/null || die "nginx is not installed (scripts/stack.sh install)"
+    NGINX_LISTEN="127.0.0.1:$NGINX_PORT" NGINX_UPSTREAM="127.0.0.1:$APP_PORT" \
+        NGINX_CERT_FILE="$PKI/nginx.crt" NGINX_KEY_FILE="$PKI/nginx.key" \
+        NGINX_JWT_PUBLIC_KEY_FILE="$JWT_PUBLIC_KEY" NGINX_JWT_AUDIENCE="$JWT_AUDIENCE" \
+        NGINX_JWT_ISSUER="$JWT_ISSUER" sh "$ROOT/nginx/render.sh" "$NGINX_DIR"
+    local stamp
+    stamp="$(cat "$NGINX_DIR/nginx.conf" "$ROOT/nginx/edge.js" | sha256sum | cut -d' ' -f1)"
+    nginx_cmd -t >"$NGINX_DIR/logs/check.log" 2>&1 || {
+        cat "$NGINX_DIR/logs/check.log" >&2
+        die "nginx refused its configuration ($NGINX_DIR/nginx.conf)"
+    }
+    if nginx_pid >/dev/null; then
+        if [[ "$(cat "$NGINX_DIR/.stamp" 2>/dev/null)" != "$stamp" ]]; then
+            log "nginx: configuration changed, reloading"
+            nginx_cmd -s reload
+        fi
+    else
+        require_free_ports nginx "$NGINX_PORT"
+        log "nginx: starting on https://localhost:$NGINX_PORT"
+        nginx_cmd 9>&-
+    fi
+    echo "$stamp" >"$NGINX_DIR/.stamp"
+}
+
+nginx_down() {
+    local pid
+    pid="$(nginx_pid)" || return 0
+    log "nginx: stopping"
+    kill -QUIT "$pid" 2>/dev/null || true
+    for _ in $(seq 1 20); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.5
+    done
+}
+
 # ----------------------------------------------------------------------------------------- app
 
 write_app_env() {
@@ -450,7 +522,12 @@ APP_BROKER__MQTT_HOST=localhost
 APP_BROKER__MQTT_PORT=$MQTTS_PORT
 APP_PKI__CA_CERT_FILE=$PKI/ca.crt
 APP_PKI__CA_KEY_FILE=$PKI/ca.key
+APP_AUTH__PUBLIC_KEY_FILE=$JWT_PUBLIC_KEY
+APP_AUTH__SIGNING_KEY_FILE=$JWT_SIGNING_KEY
+APP_AUTH__AUDIENCE=$JWT_AUDIENCE
+APP_AUTH__ISSUER=$JWT_ISSUER
 SWARM_APP_PORT=$APP_PORT
+SWARM_NGINX_PORT=$NGINX_PORT
 SWARM_AMQP_PORT=$AMQP_PORT
 SWARM_STACK_DIR=$RUN
 EOF
@@ -478,16 +555,19 @@ cmd_services() {
     local t0=$SECONDS
     ensure_dirs
     pki_up
+    jwt_keys
     pg_up
     rmq_up
     write_app_env
+    nginx_up
     log "services up in $((SECONDS - t0)) s"
     cat <<EOF
   postgres   127.0.0.1:$PG_PORT         db swarm, role swarm (password in $SECRETS/pg_password)
   rabbitmq   amqps://localhost:$AMQPS_PORT/$VHOST (EXTERNAL, cert $PKI/core.crt)
              amqp 127.0.0.1:$AMQP_PORT (diagnostics)   mqtts localhost:$MQTTS_PORT
              management http://127.0.0.1:$MGMT_PORT ($ADMIN_USER, password in $SECRETS/admin_password)
-  app        http://127.0.0.1:$APP_PORT (when started)   nginx https port $NGINX_PORT (reserved)
+  app        http://127.0.0.1:$APP_PORT (when started)
+  nginx      https://localhost:$NGINX_PORT -> app (JWT, CA $PKI/ca.crt; tokens: python -m app.cli token)
   settings   $APP_ENV
 EOF
 }
@@ -497,6 +577,9 @@ cmd_down() {
     take_lock
     if [[ -f "$RUN/app.pid" ]]; then
         SWARM_STACK="$STACK" bash "$ROOT/scripts/app.sh" stop 9>&-
+    fi
+    if [[ -d "$NGINX_DIR" ]]; then
+        nginx_down
     fi
     if [[ -d "$RMQ_DIR" ]]; then
         rmq_stop
@@ -525,6 +608,11 @@ cmd_status() {
     else
         echo "  app        stopped"
     fi
+    if pid="$(nginx_pid)"; then
+        echo "  nginx      running   pid $pid, https://localhost:$NGINX_PORT"
+    else
+        echo "  nginx      stopped"
+    fi
     if [[ -f "$APP_ENV" ]]; then
         echo "  settings   $APP_ENV"
     fi
@@ -535,14 +623,28 @@ cmd_env() {
     echo "$APP_ENV"
 }
 
+# One service of a running stack, for the fault tests: `stop rabbitmq`, `start postgres`, ...
+cmd_service() {
+    need_root
+    take_lock
+    case "$1 ${2:-}" in
+    "stop rabbitmq") rmq_stop ;;
+    "start rabbitmq") rmq_running || rmq_start ;;
+    "stop postgres") pg_down ;;
+    "start postgres") pg_up ;;
+    *) die "usage: scripts/stack.sh stop|start rabbitmq|postgres" ;;
+    esac
+}
+
 case "${1:-}" in
 install) cmd_install ;;
 services) cmd_services ;;
 down) cmd_down ;;
 status) cmd_status ;;
 env) cmd_env ;;
+stop | start) cmd_service "$1" "${2:-}" ;;
 *)
-    echo "usage: [SWARM_STACK=dev|test] scripts/stack.sh install|services|down|status|env" >&2
+    echo "usage: [SWARM_STACK=dev|test] scripts/stack.sh install|services|down|status|env|stop <svc>|start <svc>" >&2
     exit 2
     ;;
 esac

@@ -20,8 +20,10 @@ import pytest
 from alembic.config import Config
 from asgi_lifespan import LifespanManager
 from sqlalchemy.engine import make_url
+from starlette.types import ASGIApp
 
 from alembic import command
+from app.auth import Scope, mint_token
 from app.main import create_app
 from app.settings import Settings
 
@@ -69,14 +71,27 @@ def settings(stack_env: dict[str, str]) -> Settings:
     return Settings(_env_file=STACK_DIR / "app.env", database={"url": url})
 
 
+def bearer(settings: Settings, *scopes: Scope) -> dict[str, str]:
+    """An Authorization header with a token of the stack's key (default: every scope), e.g. for
+    an app started as a subprocess with the stack's app.env."""
+    return {"Authorization": f"Bearer {mint_token(settings.auth, 'tests', scopes or list(Scope), 3600)}"}
+
+
 @pytest.fixture(scope="session")
-async def app_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """The app in-process with its real lifespan (broker subscribers, scheduler) and an HTTP client."""
-    app = create_app(settings)
-    async with LifespanManager(app, startup_timeout=60, shutdown_timeout=30) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://swarm.test/api/v1") as client:
-            yield client
+async def asgi_app(settings: Settings) -> AsyncIterator[ASGIApp]:
+    """The app in-process with its real lifespan (broker subscribers, scheduler)."""
+    async with LifespanManager(create_app(settings), startup_timeout=60, shutdown_timeout=30) as manager:
+        yield manager.app
+
+
+@pytest.fixture(scope="session")
+async def app_client(asgi_app: ASGIApp, settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client of the in-process app, with an every-scope token."""
+    transport = httpx.ASGITransport(app=asgi_app)
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://swarm.test/api/v1", headers=bearer(settings)
+    ) as client:
+        yield client
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Response, status
 
-from app.dependencies import RuntimeDep
+from app.auth import Scope
+from app.dependencies import RuntimeDep, requires
 from app.devices import config, service
 from app.devices.schemas import (
     CertificateIssued,
@@ -16,7 +17,7 @@ from app.devices.schemas import (
 )
 from swarm_device.protocol import DEVICE_ID_PATTERN
 
-router = APIRouter(prefix="/devices", tags=["devices"])
+router = APIRouter(prefix="/devices", tags=["devices"], dependencies=[requires(Scope.DEVICES_ADMIN)])
 
 DeviceIdPath = Annotated[str, Path(pattern=DEVICE_ID_PATTERN, description="The device id (certificate CN).")]
 

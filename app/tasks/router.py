@@ -6,7 +6,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response, status
 
-from app.dependencies import RuntimeDep
+from app.auth import Scope
+from app.dependencies import RuntimeDep, requires
 from app.tasks import batch as batch_service
 from app.tasks import service
 from app.tasks.schemas import (
@@ -33,7 +34,9 @@ IdempotencyKey = Annotated[
 ]
 
 
-@router.post("/devices/{device_id}/tasks", status_code=status.HTTP_201_CREATED)
+@router.post(
+    "/devices/{device_id}/tasks", status_code=status.HTTP_201_CREATED, dependencies=[requires(Scope.TASKS_WRITE)]
+)
 async def create_task(
     device_id: DeviceIdPath,
     body: TaskCreate,
@@ -51,7 +54,7 @@ async def create_task(
     return task
 
 
-@router.post("/tasks/batch", status_code=status.HTTP_201_CREATED)
+@router.post("/tasks/batch", status_code=status.HTTP_201_CREATED, dependencies=[requires(Scope.TASKS_WRITE)])
 async def create_batch(
     body: TaskBatchCreate,
     runtime: RuntimeDep,
@@ -78,7 +81,7 @@ async def create_batch(
     return batch
 
 
-@router.get("/tasks/{task_id}")
+@router.get("/tasks/{task_id}", dependencies=[requires(Scope.TASKS_READ)])
 async def get_task(
     task_id: uuid.UUID,
     runtime: RuntimeDep,
@@ -90,7 +93,7 @@ async def get_task(
     return await service.get_task(runtime.sessions, task_id)
 
 
-@router.get("/tasks")
+@router.get("/tasks", dependencies=[requires(Scope.TASKS_READ)])
 async def list_tasks(
     runtime: RuntimeDep,
     device_id: Annotated[str | None, Query(pattern=DEVICE_ID_PATTERN)] = None,
@@ -115,13 +118,13 @@ async def list_tasks(
     return TaskPage(items=items, next_cursor=next_cursor)
 
 
-@router.post("/tasks/{task_id}/cancel")
+@router.post("/tasks/{task_id}/cancel", dependencies=[requires(Scope.TASKS_WRITE)])
 async def cancel_task(task_id: uuid.UUID, runtime: RuntimeDep) -> TaskRead:
     """Cancel a task that is not final yet; the device gets a `task_canceled` notice."""
     return await service.cancel_task(runtime.sessions, runtime.notifier, task_id)
 
 
-@router.get("/tasks/{task_id}/events")
+@router.get("/tasks/{task_id}/events", dependencies=[requires(Scope.TASKS_READ)])
 async def task_events(task_id: uuid.UUID, runtime: RuntimeDep) -> list[TaskEventRead]:
     """The task's audit history: one entry per change, oldest first."""
     events = await service.list_events(runtime.sessions, task_id)

@@ -1,0 +1,91 @@
+"""Bearer JWTs of the control center: verified with scopes for every API request, minted by the
+operator CLI. ES256 on purpose: nginx and the app hold only the public key; the private key stays
+with whoever mints tokens (`python -m app.cli token`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from app.errors import Unauthorized
+from app.settings import AuthSettings
+
+# Only this algorithm is accepted, whatever a token's header says.
+ALGORITHM = "ES256"
+
+
+class Scope(StrEnum):
+    TASKS_READ = "tasks:read"
+    TASKS_WRITE = "tasks:write"
+    DEVICES_ADMIN = "devices:admin"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who sent the request (the token's `sub`) and what it may do."""
+
+    subject: str
+    scopes: frozenset[str]
+
+
+# With auth disabled (a throw-away local run) every request may do everything.
+ANONYMOUS = Principal("anonymous", frozenset(Scope))
+
+
+class TokenVerifier:
+    """Checks signature, exp, nbf, aud, iss and sub; the public key is read once, at start-up."""
+
+    def __init__(self, settings: AuthSettings) -> None:
+        self._settings = settings
+        self._key: EllipticCurvePublicKey | None = None
+        if settings.enabled:
+            key = load_pem_public_key(settings.public_key_file.read_bytes())
+            if not isinstance(key, EllipticCurvePublicKey):
+                raise ValueError(f"{settings.public_key_file} is not an EC public key ({ALGORITHM})")
+            self._key = key
+
+    @property
+    def enabled(self) -> bool:
+        return self._key is not None
+
+    def verify(self, token: str) -> Principal:
+        """The token's principal; Unauthorized for anything but a valid, current token for us."""
+        if self._key is None:
+            return ANONYMOUS
+        try:
+            claims = jwt.decode(
+                token,
+                self._key,
+                algorithms=[ALGORITHM],
+                audience=self._settings.audience,
+                issuer=self._settings.issuer,
+                leeway=self._settings.leeway_s,
+                options={"require": ["exp", "aud", "iss", "sub"]},
+            )
+        except jwt.InvalidTokenError as exc:
+            raise Unauthorized(f"Invalid bearer token: {exc}.") from exc
+        scope = claims.get("scope", "")
+        if not isinstance(scope, str):
+            raise Unauthorized("Invalid bearer token: `scope` must be a space-separated string.")
+        return Principal(claims["sub"], frozenset(scope.split()))
+
+
+def mint_token(settings: AuthSettings, subject: str, scopes: Iterable[str], ttl_s: int) -> str:
+    """A token for an operator, signed with the key in `settings.signing_key_file`."""
+    now = int(time.time())
+    claims = {
+        "iss": settings.issuer,
+        "aud": settings.audience,
+        "sub": subject,
+        "scope": " ".join(scopes),
+        "iat": now,
+        "nbf": now,
+        "exp": now + ttl_s,
+    }
+    return jwt.encode(claims, settings.signing_key_file.read_bytes(), algorithm=ALGORITHM)

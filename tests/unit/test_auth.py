@@ -1,0 +1,60 @@
+"""Token checks of the app (PyJWT, ES256) without a server: what passes, what is refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from app.auth import ANONYMOUS, Scope, TokenVerifier, mint_token
+from app.errors import Unauthorized
+from app.settings import AuthSettings
+from tests.tokens import new_signing_key, refused_tokens
+
+
+@pytest.fixture
+def auth(tmp_path: Path) -> AuthSettings:
+    signing = new_signing_key(tmp_path / "signing.key")
+    key = serialization.load_pem_private_key(signing.read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    public = tmp_path / "public.pem"
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    return AuthSettings(public_key_file=public, signing_key_file=signing)
+
+
+def test_a_minted_token_carries_subject_and_scopes(auth: AuthSettings) -> None:
+    token = mint_token(auth, "alice", [Scope.TASKS_READ, Scope.TASKS_WRITE], 60)
+    principal = TokenVerifier(auth).verify(token)
+    assert principal.subject == "alice"
+    assert principal.scopes == {"tasks:read", "tasks:write"}
+
+
+@pytest.mark.parametrize(
+    "why", ["not a JWT", "bad signature", "expired", "not yet valid", "wrong audience", "wrong issuer", "alg none"]
+)
+def test_flawed_tokens_are_refused(auth: AuthSettings, tmp_path: Path, why: str) -> None:
+    token = refused_tokens(auth, new_signing_key(tmp_path / "other.key"))[why]
+    assert token is not None
+    with pytest.raises(Unauthorized):
+        TokenVerifier(auth).verify(token)
+
+
+def test_disabled_auth_lets_everything_through(tmp_path: Path) -> None:
+    verifier = TokenVerifier(AuthSettings(enabled=False, public_key_file=tmp_path / "absent.pem"))
+    assert not verifier.enabled
+    assert verifier.verify("anything") == ANONYMOUS
+
+
+def test_a_key_for_another_algorithm_is_refused_at_start(tmp_path: Path) -> None:
+    rsa_public = tmp_path / "rsa.pem"
+    rsa_public.write_bytes(
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    with pytest.raises(ValueError, match="not an EC public key"):
+        TokenVerifier(AuthSettings(public_key_file=rsa_public))
