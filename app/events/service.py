@@ -87,17 +87,14 @@ async def stream(
     sessions: Sessions,
     feed: EventFeed,
     *,
-    last_event_id: int | None,
+    after: int,
     device_id: str | None,
     types: frozenset[str],
     heartbeat_s: float,
 ) -> AsyncIterator[bytes]:
-    """SSE frames of the events after `last_event_id` (or from now on), then live; a comment
-    line every `heartbeat_s` seconds of silence keeps proxies from closing the connection."""
-    if last_event_id is None:
-        async with sessions() as session:
-            last_event_id = await repo.last_event_id(session)
-    cursor = _Cursor(last_event_id)
+    """SSE frames of the events after id `after`, then live; a comment line every `heartbeat_s`
+    seconds of silence keeps proxies from closing the connection."""
+    cursor = _Cursor(after)
     yield b"retry: 2000\n\n"
     idle_since = time.monotonic()
     while True:
@@ -118,6 +115,12 @@ async def stream(
         if time.monotonic() - idle_since >= heartbeat_s:
             yield b": keep-alive\n\n"
             idle_since = time.monotonic()
+
+
+async def current_position(sessions: Sessions) -> int:
+    """Where a stream without Last-Event-ID starts: after the newest event committed now."""
+    async with sessions() as session:
+        return await repo.last_event_id(session)
 
 
 def parse_types(values: list[str] | None) -> frozenset[str]:

@@ -15,10 +15,20 @@ import uvicorn
 
 from app.main import create_app
 from app.settings import Settings
-from tests.conftest import EnrolDevice
+from swarm_device.protocol import METHOD_TASKS_NEXT
+from tests.conftest import DeviceCredentials, EnrolDevice
 from tests.e2e.test_sdk_device import make_device, running, wait_final
 
 Event = tuple[int, str, dict[str, object]]
+
+
+async def subscribe_once(settings: Settings, creds: DeviceCredentials) -> None:
+    """Connect the device once and leave: its session queue stays, so the next notice is routed
+    (the task becomes SENT) while the device is offline, and events come in a fixed order."""
+    async with running(make_device(settings, creds)) as device:
+        # Requests of one method are answered in order: once this one is, the device's own
+        # pull on connect was answered too and cannot claim a task created later.
+        assert await device.call(METHOD_TASKS_NEXT) is None
 
 
 @pytest.fixture
@@ -81,10 +91,7 @@ async def test_stream_shows_every_event_in_order_and_resumes(
     app_client: httpx.AsyncClient, second_app: httpx.AsyncClient, enrol_device: EnrolDevice, settings: Settings
 ) -> None:
     creds = await enrol_device("sse")
-    # Connect once, so that the device's session queue exists and the notice is routed (SENT)
-    # while the device is offline: the order of events is then fixed.
-    async with running(make_device(settings, creds)):
-        pass
+    await subscribe_once(settings, creds)
     params = {"device_id": creds.device_id, "type": "task", "heartbeat": "1"}
     async with sse(second_app, params) as frames:
         created = await app_client.post(f"/devices/{creds.device_id}/tasks", json={"method": "echo"})
