@@ -5,7 +5,8 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import StreamingResponse
 
-from app.dependencies import RuntimeDep
+from app.auth import Scope
+from app.dependencies import RuntimeDep, requires
 from app.events import service
 from swarm_device.protocol import DEVICE_ID_PATTERN
 
@@ -14,6 +15,7 @@ router = APIRouter(tags=["events"])
 
 @router.get(
     "/events",
+    dependencies=[requires(Scope.TASKS_READ)],
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"}},
 )
