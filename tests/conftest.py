@@ -109,24 +109,27 @@ def unique_device_id(prefix: str = "t") -> str:
 EnrolDevice = Callable[..., Awaitable[DeviceCredentials]]
 
 
+async def enrol(client: httpx.AsyncClient, device_id: str, folder: Path) -> DeviceCredentials:
+    """Enrol a device through the API, have the core make its key and certificate, and write
+    them to `folder` as `<id>.crt`, `<id>.key` and `ca.crt` (the simulator's layout)."""
+    response = await client.post("/devices", json={"id": device_id})
+    assert response.status_code == 201, response.text
+    response = await client.post(f"/devices/{device_id}/certificate", json={})
+    assert response.status_code == 201, response.text
+    issued = response.json()
+    creds = DeviceCredentials(device_id, folder / f"{device_id}.crt", folder / f"{device_id}.key", folder / "ca.crt")
+    creds.cert_file.write_text(issued["certificate_pem"])
+    creds.key_file.write_text(issued["private_key_pem"])
+    creds.key_file.chmod(0o600)
+    creds.ca_file.write_text(issued["ca_certificate_pem"])
+    return creds
+
+
 @pytest.fixture
 def enrol_device(app_client: httpx.AsyncClient, tmp_path: Path) -> EnrolDevice:
     """Enrol a new device through the API and have the core make its key and certificate."""
 
-    async def enrol(prefix: str = "t") -> DeviceCredentials:
-        device_id = unique_device_id(prefix)
-        response = await app_client.post("/devices", json={"id": device_id})
-        assert response.status_code == 201, response.text
-        response = await app_client.post(f"/devices/{device_id}/certificate", json={})
-        assert response.status_code == 201, response.text
-        issued = response.json()
-        creds = DeviceCredentials(
-            device_id, tmp_path / f"{device_id}.crt", tmp_path / f"{device_id}.key", tmp_path / "ca.crt"
-        )
-        creds.cert_file.write_text(issued["certificate_pem"])
-        creds.key_file.write_text(issued["private_key_pem"])
-        creds.key_file.chmod(0o600)
-        creds.ca_file.write_text(issued["ca_certificate_pem"])
-        return creds
+    async def enrol_new(prefix: str = "t") -> DeviceCredentials:
+        return await enrol(app_client, unique_device_id(prefix), tmp_path)
 
-    return enrol
+    return enrol_new

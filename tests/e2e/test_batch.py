@@ -21,7 +21,7 @@ import pytest
 
 from app.settings import Settings
 from app.tasks.waiters import asyncpg_dsn
-from tests.conftest import DeviceCredentials, unique_device_id
+from tests.conftest import DeviceCredentials, enrol, unique_device_id
 
 DEVICES = int(os.environ.get("SWARM_BATCH_DEVICES", "50"))
 TASKS_PER_DEVICE = 10
@@ -41,22 +41,11 @@ async def enrol_many(client: httpx.AsyncClient, prefix: str, count: int, folder:
     """Devices `<prefix>1..count` with their key and certificate in `folder` (the simulator's layout)."""
     limit = asyncio.Semaphore(ENROL_CONCURRENCY)
 
-    async def enrol(n: int) -> DeviceCredentials:
-        device_id = f"{prefix}{n}"
+    async def enrol_one(n: int) -> DeviceCredentials:
         async with limit:
-            assert (await client.post("/devices", json={"id": device_id})).status_code == 201
-            response = await client.post(f"/devices/{device_id}/certificate", json={})
-        assert response.status_code == 201, response.text
-        issued = response.json()
-        creds = DeviceCredentials(
-            device_id, folder / f"{device_id}.crt", folder / f"{device_id}.key", folder / "ca.crt"
-        )
-        creds.cert_file.write_text(issued["certificate_pem"])
-        creds.key_file.write_text(issued["private_key_pem"])
-        creds.ca_file.write_text(issued["ca_certificate_pem"])
-        return creds
+            return await enrol(client, f"{prefix}{n}", folder)
 
-    return list(await asyncio.gather(*(enrol(n) for n in range(1, count + 1))))
+    return list(await asyncio.gather(*(enrol_one(n) for n in range(1, count + 1))))
 
 
 async def succeeded_per_device(db: asyncpg.Connection, batch_ids: list[str]) -> dict[str, int]:
