@@ -20,14 +20,14 @@ help: ## list the targets
 install: ## apt packages (RabbitMQ, nginx, PostgreSQL, mosquitto clients) and the .venv; a no-op when done
 	@scripts/stack.sh install
 
-services: ## start PKI, PostgreSQL and RabbitMQ of the stack (idempotent), write .run/<stack>/app.env
+services: ## start PKI, PostgreSQL, RabbitMQ and nginx of the stack (idempotent), write .run/<stack>/app.env
 	@scripts/stack.sh services
 
 up: install services migrate ## services + migrations + the app in the background, then where to look
 	@scripts/app.sh start
 	@scripts/app.sh info
 
-down: ## stop the stack's app, RabbitMQ and PostgreSQL (only what the stack started)
+down: ## stop the stack's app, nginx, RabbitMQ and PostgreSQL (only what the stack started)
 	@scripts/stack.sh down
 
 status: ## what runs in the stack

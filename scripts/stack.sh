@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The project's own service processes (PKI, PostgreSQL, RabbitMQ) for one stack, without Docker
+# The project's own service processes (PKI, PostgreSQL, RabbitMQ, nginx) for one stack, without Docker
 # and without touching system services: every file lives under .run/$SWARM_STACK/, every port
 # is the stack's own, so a dev and a test stack run side by side.
 #

@@ -30,6 +30,19 @@ def _b64(data: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(orjson.dumps(data)).rstrip(b"=").decode()
 
 
+# Every way a token is refused, one test case each (refused_tokens makes them).
+REFUSED = (
+    "no token",
+    "not a JWT",
+    "bad signature",
+    "expired",
+    "not yet valid",
+    "wrong audience",
+    "wrong issuer",
+    "alg none",
+)
+
+
 def refused_tokens(auth: AuthSettings, other_key: Path) -> dict[str, str | None]:
     """Why -> token (None: no token at all). Each carries every scope, so only the flaw refuses it."""
     scopes = list(Scope)

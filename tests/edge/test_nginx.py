@@ -1,5 +1,5 @@
 """Through the real nginx of the stack (TLS with our PKI, njs JWT check, limits) to the app served
-by uvicorn, and on to a simulated device over TLS MQTT."""
+by uvicorn, and on to a simulated device over TLS MQTT; long-polls and the event stream too."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ import pytest
 from app.auth import Scope
 from app.settings import Settings
 from tests.conftest import DeviceCredentials, bearer, unique_device_id
+from tests.e2e.test_events import collect, sse
 from tests.e2e.test_sdk_device import make_device, running, wait_final
-from tests.tokens import new_signing_key, refused_tokens
+from tests.tokens import REFUSED, new_signing_key, refused_tokens
 
 
 def assert_problem(response: httpx.Response, status: int) -> None:
@@ -38,19 +39,7 @@ async def test_public_paths_need_no_token(edge: httpx.AsyncClient) -> None:
     assert_problem(await edge.get("/metrics"), 404)
 
 
-@pytest.mark.parametrize(
-    "why",
-    [
-        "no token",
-        "not a JWT",
-        "bad signature",
-        "expired",
-        "not yet valid",
-        "wrong audience",
-        "wrong issuer",
-        "alg none",
-    ],
-)
+@pytest.mark.parametrize("why", REFUSED)
 async def test_nginx_refuses_flawed_tokens(
     edge: httpx.AsyncClient, settings: Settings, tmp_path: Path, why: str
 ) -> None:
@@ -101,7 +90,8 @@ async def test_a_task_through_nginx_reaches_a_device_and_its_result_comes_back(
     creds.key_file.write_text(issued.json()["private_key_pem"])
     creds.ca_file.write_text(issued.json()["ca_certificate_pem"])
 
-    async with running(make_device(settings, creds)):
+    # The event stream through nginx too: unbuffered, each event arrives while the stream is open.
+    async with sse(operator, {"device_id": device_id}) as frames, running(make_device(settings, creds)):
         created = await operator.post(
             f"/devices/{device_id}/tasks", json={"method": "echo", "params": {"via": "nginx"}}
         )
@@ -110,9 +100,11 @@ async def test_a_task_through_nginx_reaches_a_device_and_its_result_comes_back(
         started = time.monotonic()
         task = await wait_final(operator, created.json()["id"], seconds=30)
         assert time.monotonic() - started < 20
+        streamed = await collect(frames, until="task.succeeded", seconds=10)
 
     assert task["status"] == "succeeded"
     assert task["result"] == {"via": "nginx"}
+    assert [kind for _, kind, data in streamed if data["task_id"] == task["id"]][-1] == "task.succeeded"
 
 
 async def test_a_burst_over_the_rate_limit_gets_429_then_recovers(
