@@ -14,7 +14,7 @@ import pytest
 
 from app.auth import Scope
 from app.settings import Settings
-from tests.conftest import DeviceCredentials, bearer, unique_device_id
+from tests.conftest import bearer, enrol, unique_device_id
 from tests.e2e.test_events import collect, sse
 from tests.e2e.test_sdk_device import make_device, running, wait_final
 from tests.tokens import REFUSED, new_signing_key, refused_tokens
@@ -81,15 +81,9 @@ async def test_a_body_over_the_limit_is_refused(operator: httpx.AsyncClient) -> 
 async def test_a_task_through_nginx_reaches_a_device_and_its_result_comes_back(
     operator: httpx.AsyncClient, settings: Settings, tmp_path: Path
 ) -> None:
-    device_id = unique_device_id("edge")
-    assert (await operator.post("/devices", json={"id": device_id})).status_code == 201
-    issued = await operator.post(f"/devices/{device_id}/certificate", json={})
-    assert issued.status_code == 201, issued.text
-    creds = DeviceCredentials(device_id, tmp_path / "dev.crt", tmp_path / "dev.key", tmp_path / "ca.crt")
-    creds.cert_file.write_text(issued.json()["certificate_pem"])
-    creds.key_file.write_text(issued.json()["private_key_pem"])
-    creds.ca_file.write_text(issued.json()["ca_certificate_pem"])
-
+    # Enrolment through nginx as well (devices:admin).
+    creds = await enrol(operator, unique_device_id("edge"), tmp_path)
+    device_id = creds.device_id
     # The event stream through nginx too: unbuffered, each event arrives while the stream is open.
     async with sse(operator, {"device_id": device_id}) as frames, running(make_device(settings, creds)):
         created = await operator.post(
