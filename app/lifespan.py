@@ -18,10 +18,8 @@ from app.dependencies import Runtime
 from app.device_rpc import DeviceRpcRouter
 from app.devices import messaging as device_messaging
 from app.devices import presence
-from app.devices import service as devices
 from app.devices.broker_admin import BrokerAdmin
 from app.devices.config import RetainedPublisher
-from app.errors import BrokerAdminError
 from app.events.feed import EventFeed
 from app.scheduler import create_scheduler
 from app.settings import Settings
@@ -69,7 +67,6 @@ async def run_resources(settings: Settings) -> AsyncIterator[Runtime]:
         runtime.notifier.start()
         runtime.waiters.start()
         runtime.events.start()
-        await _reconcile(runtime)
         if settings.scheduler.enabled:
             scheduler.start()
         yield runtime
@@ -82,17 +79,6 @@ async def run_resources(settings: Settings) -> AsyncIterator[Runtime]:
         await broker.stop()
         await runtime.broker_admin.aclose()
         await engine.dispose()
-
-
-async def _reconcile(runtime: Runtime) -> None:
-    # A broker that lost users (or kept revoked ones) is repaired at start; not fatal if it fails.
-    try:
-        provisioned, removed = await devices.reconcile_broker_users(runtime.sessions, runtime.broker_admin)
-        online = await devices.reconcile_presence(runtime.sessions, runtime.broker_admin)
-    except BrokerAdminError as exc:
-        log.warning("broker reconciliation skipped: %s", exc)
-        return
-    log.info("broker reconciled: %d users provisioned, %d removed; %d devices online", provisioned, removed, online)
 
 
 def lifespan_for(settings: Settings) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[State]]:

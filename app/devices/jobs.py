@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import logging
+
 from app.dependencies import Runtime
 from app.devices import config, service
+from app.errors import BrokerAdminError
+
+log = logging.getLogger(__name__)
 
 
-async def reconcile_presence(runtime: Runtime) -> None:
-    await service.reconcile_presence(runtime.sessions, runtime.broker_admin)
+async def reconcile_broker(runtime: Runtime) -> None:
+    """Broker users and presence made to match the database and the broker's open connections:
+    repairs a broker that lost users or kept revoked ones, and presence events missed while no
+    app was consuming them. Runs at start-up (in the background) and then now and then."""
+    try:
+        provisioned, removed = await service.reconcile_broker_users(runtime.sessions, runtime.broker_admin)
+        online = await service.reconcile_presence(runtime.sessions, runtime.broker_admin)
+    except BrokerAdminError as exc:
+        log.warning("broker reconciliation skipped: %s", exc)
+        return
+    log.info("broker reconciled: %d users provisioned, %d removed; %d devices online", provisioned, removed, online)
 
 
 async def publish_configs(runtime: Runtime) -> None:

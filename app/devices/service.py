@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -142,10 +144,18 @@ async def reconcile_broker_users(sessions: Sessions, admin: BrokerAdmin) -> tupl
     async with sessions() as session:
         wanted = await repo.active_device_ids(session)
     present = await admin.device_users()
-    for device_id in wanted - present:
-        await admin.provision_device(device_id)
-    for user in present - wanted:
-        await admin.deprovision_device(user)
+    # A few calls in flight: thousands of strays (say, after restoring an old backup) take
+    # seconds, not minutes, without flooding the management API.
+    limit = asyncio.Semaphore(8)
+
+    async def bounded(call: Awaitable[None]) -> None:
+        async with limit:
+            await call
+
+    await asyncio.gather(
+        *(bounded(admin.provision_device(d)) for d in wanted - present),
+        *(bounded(admin.deprovision_device(u)) for u in present - wanted),
+    )
     return len(wanted - present), len(present - wanted)
 
 
