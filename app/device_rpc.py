@@ -31,7 +31,7 @@ from pydantic import BaseModel, ValidationError
 
 from app import metrics
 from app.broker import AMQ_TOPIC, DEAD_LETTER_EXCHANGE, publish_to_device
-from app.errors import INFRASTRUCTURE_ERRORS, AppError
+from app.errors import AppError, is_infrastructure_error
 from swarm_device.protocol import REQUEST_ID_MAX_LENGTH, ErrorCode, Request, reply_topic
 
 log = logging.getLogger(__name__)
@@ -88,10 +88,23 @@ def parse_request(body: bytes, params_model: type[P]) -> tuple[str, P]:
         envelope = Request.model_validate(raw)
     except ValidationError as exc:
         raise RequestRejected(f"request envelope is invalid: {_first_error(exc)}", _salvage_id(raw)) from None
+    # PostgreSQL text and jsonb cannot hold U+0000: refuse it here rather than fail in the database.
+    if b"\\u0000" in body and _contains_nul(envelope.params):
+        raise RequestRejected("strings must not contain U+0000", envelope.id)
     try:
         return envelope.id, params_model.model_validate(envelope.params)
     except ValidationError as exc:
         raise RequestRejected(f"params are invalid: {_first_error(exc)}", envelope.id) from None
+
+
+def _contains_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_contains_nul(k) or _contains_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_contains_nul(item) for item in value)
+    return False
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -175,7 +188,9 @@ class DeviceRpcRouter:
         while True:
             try:
                 return await handler(request)
-            except INFRASTRUCTURE_ERRORS as exc:
+            except Exception as exc:
+                if not is_infrastructure_error(exc):
+                    raise
                 # Not the message's fault: hold it (unacknowledged) until the database is back.
                 log.warning("handling a request of %s failed on infrastructure (%r); retrying", request.device_id, exc)
                 await asyncio.sleep(delay)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -9,10 +10,13 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from swarm_device.protocol import ErrorCode
+
+log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -75,7 +79,30 @@ class BrokerAdminError(Unavailable):
 
 
 # Failures of the infrastructure, not of the request: answer 503 / retry the message later.
-INFRASTRUCTURE_ERRORS: tuple[type[Exception], ...] = (OperationalError, InterfaceError, OSError, TimeoutError)
+# asyncpg raises OSError (refused) and TimeoutError (connect) before SQLAlchemy wraps anything;
+# SQLAlchemy's own TimeoutError means the pool had no connection to give within its timeout.
+INFRASTRUCTURE_ERRORS: tuple[type[Exception], ...] = (
+    OperationalError,
+    InterfaceError,
+    OSError,
+    TimeoutError,
+    PoolTimeout,
+)
+# asyncpg server errors that SQLAlchemy wraps as a plain DBAPIError, by SQLSTATE class: 08 the
+# connection broke, 53 the server is out of resources, 57P the server shuts down or is starting.
+_OUTAGE_SQLSTATES = ("08", "53", "57P")
+
+
+def is_infrastructure_error(exc: BaseException) -> bool:
+    """Whether `exc` means the database (or the network) failed, not the request: 503 or retry."""
+    if isinstance(exc, INFRASTRUCTURE_ERRORS):
+        return True
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    sqlstate = getattr(exc.orig.__cause__ if exc.orig is not None else None, "sqlstate", None)
+    return isinstance(sqlstate, str) and sqlstate.startswith(_OUTAGE_SQLSTATES)
 
 
 def problem(status: int, title: str, detail: str, instance: str, **extra: Any) -> Response:
@@ -101,7 +128,10 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return problem(exc.status_code, str(exc.detail), str(exc.detail), request.url.path)
 
 
-async def _database_down(request: Request, exc: Exception) -> Response:
+async def _database_error(request: Request, exc: Exception) -> Response:
+    if not is_infrastructure_error(exc):
+        log.error("request %s failed on the database", request.url.path, exc_info=exc)
+        return problem(500, "Internal error", "The request failed on a database error.", request.url.path)
     # The database being unreachable is an outage to retry, not a bug: 503 with a hint.
     response = problem(503, "Database unavailable", "The database cannot be reached; retry later.", request.url.path)
     response.headers["Retry-After"] = "2"
@@ -112,6 +142,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(AppError, _app_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    # asyncpg raises OSError (refused) and TimeoutError (pool, connect) before SQLAlchemy wraps it.
-    for error in INFRASTRUCTURE_ERRORS:
-        app.add_exception_handler(error, _database_down)
+    for error in (*INFRASTRUCTURE_ERRORS, DBAPIError):
+        app.add_exception_handler(error, _database_error)

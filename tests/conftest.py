@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -44,6 +45,12 @@ def _start_stack() -> dict[str, str]:
     return values
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The fault tests run the app as OS processes and must be the only consumers of the stack's
+    # queues: they go first, before any test starts the in-process app (a session fixture).
+    items.sort(key=lambda item: item.get_closest_marker("faults") is None)
+
+
 @pytest.fixture(scope="session")
 def stack_env() -> dict[str, str]:
     return _start_stack()
@@ -68,7 +75,14 @@ def settings(stack_env: dict[str, str]) -> Settings:
     config.attributes["database_url"] = url
     config.attributes["configure_logger"] = False
     command.upgrade(config, "head")
-    return Settings(_env_file=STACK_DIR / "app.env", database={"url": url})
+    return Settings(_env_file=STACK_DIR / "app.env", database={"url": url}, **FAST_JOBS)
+
+
+# Periodic jobs every half second, so that deadlines, expiry and re-sent notices show within a test.
+FAST_JOBS: dict[str, Any] = {
+    "scheduler": {"deadlines_interval_s": 0.5, "expiry_interval_s": 0.5, "notices_interval_s": 0.5},
+    "tasks": {"notice_retry_after_s": 1.0},
+}
 
 
 def bearer(settings: Settings, *scopes: Scope) -> dict[str, str]:
