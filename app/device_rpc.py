@@ -135,11 +135,18 @@ class DeviceRpcRouter:
     def __init__(self, broker: RabbitBroker) -> None:
         self.router = RabbitRouter()
         self._broker = broker
+        self._in_flight: set[asyncio.Task[None]] = set()
 
     def method(self, pattern: str, params: type[P]) -> Callable[[Handler[P]], Handler[P]]:
         def register(handler: Handler[P]) -> Handler[P]:
             async def consume(message: RabbitMessage) -> None:
-                await self._handle(message, handler, params)
+                # A FastStream Rabbit subscriber awaits one message at a time; handling each in
+                # its own task lets a queue work on up to `prefetch` requests at once (database
+                # and broker round trips overlap). Acks are manual, so nothing is lost if the
+                # process dies meanwhile: unacknowledged messages are redelivered.
+                task = asyncio.create_task(self._handle_logged(message, handler, params))
+                self._in_flight.add(task)
+                task.add_done_callback(self._in_flight.discard)
 
             self.router.subscriber(
                 queue_for(pattern),
@@ -152,6 +159,21 @@ class DeviceRpcRouter:
             return handler
 
         return register
+
+    async def drain(self, timeout_s: float = 10.0) -> None:
+        """Let requests being handled finish (bounded), before the broker connection closes."""
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight), timeout=timeout_s)
+
+    async def _handle_logged(self, message: RabbitMessage, handler: Handler[P], params_model: type[P]) -> None:
+        try:
+            await self._handle(message, handler, params_model)
+        except Exception:
+            # Only the reply publish or the ack can fail here (broker gone): the message stays
+            # unacknowledged and comes back when the channel is re-established.
+            log.exception(
+                "request from %s could not be answered; it will be redelivered", message.path.get("device_id")
+            )
 
     async def _handle(self, message: RabbitMessage, handler: Handler[P], params_model: type[P]) -> None:
         device_id = str(message.path["device_id"])

@@ -75,6 +75,7 @@ async def run_resources(settings: Settings) -> AsyncIterator[Runtime]:
             scheduler.shutdown(wait=False)
         await runtime.events.stop()
         await runtime.waiters.stop()
+        await rpc.drain()
         await runtime.notifier.stop()
         await broker.stop()
         await runtime.broker_admin.aclose()
