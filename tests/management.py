@@ -33,7 +33,8 @@ async def wait_for_consumers(broker: BrokerSettings, count: int, within_s: float
         async with asyncio.timeout(within_s):
             while True:
                 counts = await rpc_consumers(broker)
-                if counts and set(counts.values()) == {count}:
+                # No queues at all (a fresh broker) means no consumers too.
+                if set(counts.values()) == {count} or (count == 0 and not counts):
                     return counts
                 await asyncio.sleep(1)
     except TimeoutError:
