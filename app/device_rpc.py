@@ -132,10 +132,13 @@ def encode_reply(
 class DeviceRpcRouter:
     """Registers device methods on a FastStream RabbitRouter."""
 
-    def __init__(self, broker: RabbitBroker) -> None:
+    def __init__(self, broker: RabbitBroker, max_concurrency: int = 16) -> None:
         self.router = RabbitRouter()
         self._broker = broker
         self._in_flight: set[asyncio.Task[None]] = set()
+        # Requests beyond what the database pool serves at once wait here, not for a pooled
+        # connection (whose timeout would count as a database outage and back off).
+        self._slots = asyncio.Semaphore(max_concurrency)
 
     def method(self, pattern: str, params: type[P]) -> Callable[[Handler[P]], Handler[P]]:
         def register(handler: Handler[P]) -> Handler[P]:
@@ -167,7 +170,8 @@ class DeviceRpcRouter:
 
     async def _handle_logged(self, message: RabbitMessage, handler: Handler[P], params_model: type[P]) -> None:
         try:
-            await self._handle(message, handler, params_model)
+            async with self._slots:
+                await self._handle(message, handler, params_model)
         except Exception:
             # Only the reply publish or the ack can fail here (broker gone): the message stays
             # unacknowledged and comes back when the channel is re-established.

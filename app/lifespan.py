@@ -40,7 +40,7 @@ async def run_resources(settings: Settings) -> AsyncIterator[Runtime]:
     engine = create_engine(settings.database)
     sessions = create_sessionmaker(engine)
     broker = create_broker(settings.broker)
-    rpc = DeviceRpcRouter(broker)
+    rpc = DeviceRpcRouter(broker, max_concurrency=settings.database.pool_size)
     task_messaging.register(rpc, sessions)
     device_messaging.register(rpc, sessions)
     presence.register(rpc.router, sessions)

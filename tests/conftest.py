@@ -25,6 +25,9 @@ from starlette.types import ASGIApp
 
 from alembic import command
 from app.auth import Scope, mint_token
+from app.db import create_engine, create_sessionmaker
+from app.devices import service as devices
+from app.devices.broker_admin import BrokerAdmin
 from app.main import create_app
 from app.settings import Settings
 
@@ -75,7 +78,21 @@ def settings(stack_env: dict[str, str]) -> Settings:
     config.attributes["database_url"] = url
     config.attributes["configure_logger"] = False
     command.upgrade(config, "head")
-    return Settings(_env_file=STACK_DIR / "app.env", database={"url": url}, **FAST_JOBS)
+    settings = Settings(_env_file=STACK_DIR / "app.env", database={"url": url}, **FAST_JOBS)
+    asyncio.run(_forget_earlier_devices(settings))
+    return settings
+
+
+async def _forget_earlier_devices(settings: Settings) -> None:
+    """Broker users of earlier runs' devices are strays for the fresh database: remove them now,
+    so that the app's start-up reconciliation has nothing to do."""
+    admin = BrokerAdmin.from_settings(settings.broker)
+    engine = create_engine(settings.database)
+    try:
+        await devices.reconcile_broker_users(create_sessionmaker(engine), admin)
+    finally:
+        await admin.aclose()
+        await engine.dispose()
 
 
 # Periodic jobs every half second, so that deadlines, expiry and re-sent notices show within a test.

@@ -26,8 +26,11 @@ SECTIONS = {
     ],
     "roundtrip": ["completed", "achieved_per_s", "latency_ms.p50", "latency_ms.p99"],
     "scale": ["tasks", "devices", "next_empty_ms.p50", "next_loaded_ms.p50"],
-    "connections": ["stayed_connected", "broker_bytes_per_device", "simulator_bytes_per_device"],
+    "connections": ["stayed_connected"],
 }
+# Memory growth over a few dozen devices is within the noise of a node's allocator: it must be
+# measured (a number), but may come out as zero.
+MEMORY_FIGURES = ["connections.broker_bytes_per_device", "connections.simulator_bytes_per_device"]
 
 
 def _figure(results: dict[str, object], path: str) -> object:
@@ -66,6 +69,10 @@ def test_short_mode_reports_every_section(stack_env: dict[str, str], tmp_path: P
             value = _figure(results, f"{section}.{figure}")
             assert isinstance(value, int | float), f"{section}.{figure} = {value!r}"
             assert value > 0, f"{section}.{figure} = {value!r}"
+    for figure in MEMORY_FIGURES:
+        value = _figure(results, figure)
+        assert isinstance(value, int | float), f"{figure} = {value!r}"
+        assert value >= 0, f"{figure} = {value!r}"
     assert results["roundtrip"]["not_final_after_wait"] == 0
     assert results["connections"]["stayed_connected"] == results["connections"]["target"]
     assert {t["target"] for t in results["targets"]}, "the targets are evaluated"
