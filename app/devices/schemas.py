@@ -7,8 +7,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from swarm_device.protocol import DEVICE_ID_PATTERN
 
-DeviceId = str
-
 
 class DeviceCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
