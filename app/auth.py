@@ -37,13 +37,23 @@ class Principal:
 # With auth disabled (a throw-away local run) every request may do everything.
 ANONYMOUS = Principal("anonymous", frozenset(Scope))
 
+# Tokens remembered after a full check; a control center uses a few tokens for many requests.
+MAX_VERIFIED_TOKENS = 1024
+
 
 class TokenVerifier:
-    """Checks signature, exp, nbf, aud, iss and sub; the public key is read once, at start-up."""
+    """Checks signature, exp, nbf, aud, iss and sub; the public key is read once, at start-up.
+
+    A token that passed every check is remembered until its `exp` (an ES256 verification costs
+    more CPU than the rest of a small request), at most MAX_VERIFIED_TOKENS, the oldest forgotten
+    first. A token that failed is never remembered.
+    """
 
     def __init__(self, settings: AuthSettings) -> None:
         self._settings = settings
         self._key: EllipticCurvePublicKey | None = None
+        # token -> (principal, its exp)
+        self._verified: dict[str, tuple[Principal, float]] = {}
         if settings.enabled:
             key = load_pem_public_key(settings.public_key_file.read_bytes())
             if not isinstance(key, EllipticCurvePublicKey):
@@ -58,10 +68,23 @@ class TokenVerifier:
         """The token's principal; Unauthorized for anything but a valid, current token for us."""
         if self._key is None:
             return ANONYMOUS
+        remembered = self._verified.get(token)
+        if remembered is not None:
+            principal, expires = remembered
+            if time.time() < expires:
+                return principal
+            del self._verified[token]
+        principal, expires = self._check(token, self._key)
+        if len(self._verified) >= MAX_VERIFIED_TOKENS:
+            del self._verified[next(iter(self._verified))]
+        self._verified[token] = principal, expires
+        return principal
+
+    def _check(self, token: str, key: EllipticCurvePublicKey) -> tuple[Principal, float]:
         try:
             claims = jwt.decode(
                 token,
-                self._key,
+                key,
                 algorithms=[ALGORITHM],
                 audience=self._settings.audience,
                 issuer=self._settings.issuer,
@@ -73,7 +96,7 @@ class TokenVerifier:
         scope = claims.get("scope", "")
         if not isinstance(scope, str):
             raise Unauthorized("Invalid bearer token: `scope` must be a space-separated string.")
-        return Principal(claims["sub"], frozenset(scope.split()))
+        return Principal(claims["sub"], frozenset(scope.split())), float(claims["exp"])
 
 
 def mint_token(settings: AuthSettings, subject: str, scopes: Iterable[str], ttl_s: int) -> str:

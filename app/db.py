@@ -35,7 +35,9 @@ def create_engine(settings: DatabaseSettings) -> AsyncEngine:
         pool_size=settings.pool_size,
         max_overflow=settings.max_overflow,
         pool_timeout=settings.timeout_s,
-        pool_pre_ping=True,
+        # No pre-ping (three round trips per checkout): a connection that died fails its first
+        # statement instead, which answers 503 / holds the device request for a retry, and
+        # SQLAlchemy then invalidates the pool (decisions.md).
         connect_args={
             "timeout": settings.timeout_s,
             "command_timeout": settings.timeout_s * 6,

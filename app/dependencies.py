@@ -18,6 +18,7 @@ from app.errors import Forbidden, Unauthorized
 from app.events.feed import EventFeed
 from app.pki import CertificateAuthority
 from app.settings import Settings
+from app.tasks.intake import IntakeBatcher
 from app.tasks.notifier import Notifier
 from app.tasks.waiters import TaskWaiters
 
@@ -29,6 +30,7 @@ class Runtime:
     sessions: async_sessionmaker[AsyncSession]
     broker: RabbitBroker
     notifier: Notifier
+    intake: IntakeBatcher
     waiters: TaskWaiters
     broker_admin: BrokerAdmin
     config_publisher: RetainedPublisher

@@ -24,6 +24,7 @@ from app.events.feed import EventFeed
 from app.scheduler import create_scheduler
 from app.settings import Settings
 from app.tasks import messaging as task_messaging
+from app.tasks.intake import IntakeBatcher
 from app.tasks.notifier import Notifier
 from app.tasks.waiters import TaskWaiters, asyncpg_dsn
 
@@ -46,12 +47,14 @@ async def run_resources(settings: Settings) -> AsyncIterator[Runtime]:
     presence.register(rpc.router, sessions)
     broker.include_router(rpc.router)
     document_down_topics(broker)
+    notifier = Notifier(broker, sessions)
     runtime = Runtime(
         settings=settings,
         engine=engine,
         sessions=sessions,
         broker=broker,
-        notifier=Notifier(broker, sessions),
+        notifier=notifier,
+        intake=IntakeBatcher(sessions, notifier),
         waiters=TaskWaiters(asyncpg_dsn(settings.database.url.get_secret_value())),
         broker_admin=BrokerAdmin.from_settings(settings.broker),
         config_publisher=RetainedPublisher(settings.broker),
@@ -76,6 +79,7 @@ async def run_resources(settings: Settings) -> AsyncIterator[Runtime]:
         await runtime.events.stop()
         await runtime.waiters.stop()
         await rpc.drain()
+        await runtime.intake.drain()
         await runtime.notifier.stop()
         await broker.stop()
         await runtime.broker_admin.aclose()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,6 +21,7 @@ from sqlalchemy import (
     literal_column,
     or_,
     select,
+    text,
     tuple_,
     update,
 )
@@ -38,10 +40,68 @@ def _seconds(column: Any) -> ColumnElement[Any]:
     return column * _ONE_SECOND  # type: ignore[no-any-return]
 
 
-async def insert_task(session: AsyncSession, task: Task) -> Task:
-    session.add(task)
-    await session.flush()
-    return task
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    """A QUEUED task to insert, made from a validated request. Not an ORM object: intake writes
+    many in one statement and answers from these values."""
+
+    id: uuid.UUID
+    device_id: str
+    method: str
+    params: dict[str, Any]
+    params_json: str
+    priority: int
+    max_attempts: int
+    timeout_s: int
+    created_at: datetime
+    expires_at: datetime | None
+    idempotency_key: str | None
+    request_hash: str | None
+
+    @property
+    def notice_due_at(self) -> datetime:
+        return self.created_at
+
+
+# One statement for any number of tasks: the arrays are columns. Only devices that exist and are
+# not revoked get a row; an Idempotency-Key already used for the device leaves the row out.
+# status, attempt and version take their defaults: queued, 0, 1.
+_INSERT_TASKS = text(
+    """
+INSERT INTO tasks (id, device_id, method, params, priority, max_attempts, timeout_s,
+                   created_at, updated_at, expires_at, notice_due_at, idempotency_key, request_hash)
+SELECT r.id, r.device_id, r.method, r.params::jsonb, r.priority, r.max_attempts, r.timeout_s,
+       r.created_at, r.created_at, r.expires_at, r.created_at, r.idempotency_key, r.request_hash
+FROM unnest(CAST(:id AS uuid[]), CAST(:device_id AS text[]), CAST(:method AS text[]), CAST(:params AS text[]),
+            CAST(:priority AS int[]), CAST(:max_attempts AS int[]), CAST(:timeout_s AS int[]),
+            CAST(:created_at AS timestamptz[]), CAST(:expires_at AS timestamptz[]),
+            CAST(:idempotency_key AS text[]), CAST(:request_hash AS text[]))
+     AS r(id, device_id, method, params, priority, max_attempts, timeout_s, created_at, expires_at,
+          idempotency_key, request_hash)
+JOIN devices ON devices.id = r.device_id AND devices.revoked_at IS NULL
+ON CONFLICT (device_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+RETURNING id
+"""
+)
+
+
+async def insert_tasks(session: AsyncSession, tasks: Sequence[NewTask]) -> set[uuid.UUID]:
+    """Insert the tasks in one statement; returns the ids of those inserted (the others name an
+    unknown or revoked device, or reuse an Idempotency-Key)."""
+    columns = {
+        "id": [t.id for t in tasks],
+        "device_id": [t.device_id for t in tasks],
+        "method": [t.method for t in tasks],
+        "params": [t.params_json for t in tasks],
+        "priority": [t.priority for t in tasks],
+        "max_attempts": [t.max_attempts for t in tasks],
+        "timeout_s": [t.timeout_s for t in tasks],
+        "created_at": [t.created_at for t in tasks],
+        "expires_at": [t.expires_at for t in tasks],
+        "idempotency_key": [t.idempotency_key for t in tasks],
+        "request_hash": [t.request_hash for t in tasks],
+    }
+    return set((await session.execute(_INSERT_TASKS, columns)).scalars())
 
 
 async def get_task(session: AsyncSession, task_id: uuid.UUID, *, lock: bool = False) -> Task | None:
@@ -235,7 +295,7 @@ async def get_batch_by_key(session: AsyncSession, key: str) -> TaskBatch | None:
 
 
 async def insert_batch_tasks(
-    session: AsyncSession, batch: TaskBatch, template: Task, device_ids: list[str]
+    session: AsyncSession, batch: TaskBatch, template: NewTask, device_ids: list[str]
 ) -> list[tuple[uuid.UUID, str]]:
     """One task per device, copied from `template`, in one INSERT ... SELECT FROM unnest(...);
     returns the (task id, device id) pairs."""

@@ -45,9 +45,7 @@ async def create_task(
     idempotency_key: IdempotencyKey = None,
 ) -> TaskRead:
     """Queue a task for a device. Answered only after the task is committed to the database."""
-    task, created = await service.create_task(
-        runtime.sessions, runtime.notifier, runtime.settings.tasks, device_id, body, idempotency_key
-    )
+    task, created = await service.create_task(runtime.intake, runtime.settings.tasks, device_id, body, idempotency_key)
     if not created:
         response.status_code = status.HTTP_200_OK
     response.headers["Location"] = f"/api/v1/tasks/{task.id}"

@@ -15,10 +15,10 @@ from pydantic import BaseModel
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.devices import repository as device_repo
 from app.errors import Conflict, InvalidInput, NotFound
 from app.settings import TaskSettings
 from app.tasks import repository as repo
+from app.tasks.intake import IntakeBatcher
 from app.tasks.models import Task, TaskEvent
 from app.tasks.notifier import Notifier
 from app.tasks.schemas import TaskCreate, TaskFilter, TaskRead
@@ -45,69 +45,43 @@ def new_task(
     body: TaskCreate,
     idempotency_key: str | None = None,
     hashed_request: str | None = None,
-) -> Task:
-    """A QUEUED task made from a request body, not added to any session yet; checks params size."""
-    if len(orjson.dumps(body.params)) > settings.max_params_bytes:
+) -> repo.NewTask:
+    """A QUEUED task made from a request body, not written yet; checks params size."""
+    params_json = orjson.dumps(body.params)
+    if len(params_json) > settings.max_params_bytes:
         raise InvalidInput(f"params exceed {settings.max_params_bytes} bytes")
     now = datetime.now(UTC)
-    return Task(
+    return repo.NewTask(
         id=uuid.uuid4(),
         device_id=device_id,
         method=body.method,
         params=body.params,
-        status=TaskStatus.QUEUED,
+        params_json=params_json.decode(),
         priority=body.priority,
-        attempt=0,
         max_attempts=body.max_attempts or settings.default_max_attempts,
         timeout_s=body.timeout_s or settings.default_timeout_s,
-        version=1,
         created_at=now,
-        updated_at=now,
         expires_at=now + timedelta(seconds=body.ttl_s) if body.ttl_s else None,
-        notice_due_at=now,
         idempotency_key=idempotency_key,
         request_hash=hashed_request,
     )
 
 
 async def create_task(
-    sessions: Sessions,
-    notifier: Notifier,
+    intake: IntakeBatcher,
     settings: TaskSettings,
     device_id: str,
     body: TaskCreate,
     idempotency_key: str | None = None,
 ) -> tuple[TaskRead, bool]:
-    """Persist a task (QUEUED) and commit; only then hand its notice to the notifier.
+    """Persist a task (QUEUED), committed with whatever else waits to be created in this process;
+    its notice goes to the notifier after the commit.
 
     Returns the task and whether it was created now (False: an earlier request with the same
     Idempotency-Key and the same body created it).
     """
     hashed = request_hash(body) if idempotency_key else None
-    task = new_task(settings, device_id, body, idempotency_key, hashed)
-    async with sessions() as session:
-        device = await device_repo.get_device(session, device_id)
-        if device is None or device.revoked_at is not None:
-            raise NotFound(f"device {device_id!r} does not exist")
-        try:
-            await repo.insert_task(session, task)
-            await session.commit()
-        except IntegrityError:
-            if idempotency_key is None:
-                raise
-            await session.rollback()
-            return await _replayed(session, device_id, idempotency_key, hashed), False
-    notifier.task_queued(task.id, device_id)
-    return to_read(task), True
-
-
-async def _replayed(session: AsyncSession, device_id: str, key: str, request_hash: str | None) -> TaskRead:
-    existing = await repo.get_by_idempotency_key(session, device_id, key)
-    if existing is None:  # the conflicting insert was rolled back meanwhile
-        raise Conflict("a request with this Idempotency-Key is in flight; retry")
-    if existing.request_hash != request_hash:
-        raise Conflict("this Idempotency-Key was used with a different request body")
-    return to_read(existing)
+    return await intake.create(new_task(settings, device_id, body, idempotency_key, hashed))
 
 
 async def get_task(sessions: Sessions, task_id: uuid.UUID) -> TaskRead:
