@@ -39,7 +39,9 @@ class Runtime:
     tokens: TokenVerifier
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
+    # async on purpose: FastAPI runs a plain `def` dependency in its thread pool, a thread hop
+    # per request for a dictionary lookup.
     return cast(Runtime, request.state.runtime)
 
 

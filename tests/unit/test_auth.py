@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,13 @@ def test_a_key_for_another_algorithm_is_refused_at_start(tmp_path: Path) -> None
     )
     with pytest.raises(ValueError, match="not an EC public key"):
         TokenVerifier(AuthSettings(public_key_file=rsa_public))
+
+
+def test_a_remembered_token_is_refused_once_it_expires(auth: AuthSettings) -> None:
+    verifier = TokenVerifier(auth.model_copy(update={"leeway_s": 0}))
+    token = mint_token(auth, "alice", [Scope.TASKS_READ], 2)
+    assert verifier.verify(token).subject == "alice"
+    assert verifier.verify(token).subject == "alice"  # remembered: no second signature check
+    time.sleep(2.1)  # past its exp (at most 2 s after minting)
+    with pytest.raises(Unauthorized, match="expired"):
+        verifier.verify(token)
