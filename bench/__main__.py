@@ -97,6 +97,8 @@ async def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
         results["raw"] = {"postgres_insert_commit": db, "amqp_publish_confirmed": amqp}
         await _forget_raw_rows(stack)
 
+    if "intake" in wanted:
+        await intake.prepare(settings, stack.dsn, int(args.intake_devices))
     progress.say("setup", f"starting the app: uvicorn, {args.workers} workers")
     async with running_app(stack, args.workers, logs["app"]) as app:
         results["meta"]["app_pids"] = app.pids()
@@ -115,6 +117,15 @@ async def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
             )
             ceiling = results["raw"]["postgres_insert_commit"]["per_s"]
             results["intake"]["ratio_to_db_ceiling"] = round(results["intake"]["persisted_per_s"] / ceiling, 3)
+            floor = await intake.http_floor(
+                stack.app_port,
+                concurrency=int(args.concurrency),
+                duration_s=args.intake_seconds,
+                headers=_headers(args),
+                progress=progress,
+            )
+            floor["intake_ratio"] = round(results["intake"]["persisted_per_s"] / floor["per_s"], 3)
+            results["intake"]["http_floor"] = floor
             results["intake"]["batch"] = await intake.run_batch(
                 stack.app_port,
                 stack.dsn,
@@ -264,6 +275,13 @@ def print_table(results: dict[str, Any]) -> None:
         rows.append(("intake: persisted", f"{it['persisted_per_s']:,.0f} tasks/s ({it['concurrency']} clients)"))
         rows.append(("intake: noticed", f"{it['noticed_per_s']:,.0f} tasks/s"))
         rows.append(("intake: ratio to db ceiling", f"{it['ratio_to_db_ceiling']:.0%}"))
+        floor = it["http_floor"]
+        rows.append(
+            (
+                "intake: HTTP floor (GET /healthz)",
+                f"{floor['per_s']:,.0f}/s, same clients and workers; intake is {floor['intake_ratio']:.0%} of it",
+            )
+        )
         rows.append(("intake: answer p50/p99", f"{lat['p50']} / {lat['p99']} ms; errors {it['errors'] or 0}"))
         batch = it["batch"]
         rows.append(

@@ -41,6 +41,9 @@ class HttpConnection:
         )
         return await self._exchange(head + body)
 
+    async def get(self, path: str) -> tuple[int, bytes]:
+        return await self._exchange(f"GET {path} HTTP/1.1\r\n".encode() + self._fixed_headers + b"\r\n")
+
     async def _exchange(self, request: bytes) -> tuple[int, bytes]:
         if self._writer is None or self._reader is None:
             self._reader, self._writer = await asyncio.open_connection(self._host, self._port)

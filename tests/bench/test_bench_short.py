@@ -23,6 +23,7 @@ SECTIONS = {
         "ratio_to_db_ceiling",
         "answer_latency_ms.p50",
         "batch.persisted_per_s",
+        "http_floor.per_s",
     ],
     "roundtrip": ["completed", "achieved_per_s", "latency_ms.p50", "latency_ms.p99"],
     "scale": ["tasks", "devices", "next_empty_ms.p50", "next_loaded_ms.p50"],
