@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 
-from fastapi import APIRouter, Depends, FastAPI
+from fastapi import Depends, FastAPI
 
 from app import asyncapi, health
 from app.dependencies import authenticate
@@ -26,12 +26,11 @@ def create_app(settings: Settings) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan_for(settings),
     )
-    # Every API route needs a valid bearer token; each route names the scope it needs.
-    api = APIRouter(prefix=API_PREFIX, dependencies=[Depends(authenticate)])
-    api.include_router(devices.router)
-    api.include_router(tasks.router)
-    api.include_router(events.router)
-    app.include_router(api)
+    # Every API route needs a valid bearer token; each route names the scope it needs. Included
+    # straight into the app: a router nested in an /api/v1 router is matched level by level, on
+    # every request.
+    for api in (devices.router, tasks.router, events.router):
+        app.include_router(api, prefix=API_PREFIX, dependencies=[Depends(authenticate)])
     app.include_router(health.router)
     app.include_router(asyncapi.router)
     install_error_handlers(app)
