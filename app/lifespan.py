@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from app import pki
 from app.asyncapi import document_down_topics
 from app.auth import TokenVerifier
-from app.broker import create_broker, declare_dead_letter_path
+from app.broker import ConfirmedPublisher, create_broker, declare_dead_letter_path
 from app.db import create_engine, create_sessionmaker
 from app.dependencies import Runtime
 from app.device_rpc import DeviceRpcRouter
@@ -36,10 +36,11 @@ class State(TypedDict):
 
 @contextlib.asynccontextmanager
 async def run_resources(settings: Settings) -> AsyncIterator[Runtime]:
-    """Engine -> sessions -> broker (subscribers) -> notifier, waiters -> scheduler; stop in reverse."""
+    """Engine -> sessions -> broker (subscribers) -> publisher, notifier, waiters -> scheduler; stop in reverse."""
     engine = create_engine(settings.database)
     sessions = create_sessionmaker(engine)
     broker = create_broker(settings.broker)
+    publisher = ConfirmedPublisher(settings.broker)
     rpc = DeviceRpcRouter(broker, max_concurrency=settings.database.pool_size)
     task_messaging.register(rpc, sessions)
     device_messaging.register(rpc, sessions)
@@ -51,7 +52,7 @@ async def run_resources(settings: Settings) -> AsyncIterator[Runtime]:
         engine=engine,
         sessions=sessions,
         broker=broker,
-        notifier=Notifier(broker, sessions),
+        notifier=Notifier(publisher, sessions),
         waiters=TaskWaiters(asyncpg_dsn(settings.database.url.get_secret_value())),
         broker_admin=BrokerAdmin.from_settings(settings.broker),
         config_publisher=RetainedPublisher(settings.broker),
@@ -64,6 +65,7 @@ async def run_resources(settings: Settings) -> AsyncIterator[Runtime]:
         await broker.connect()
         await declare_dead_letter_path(broker)
         await broker.start()
+        await publisher.connect()
         runtime.notifier.start()
         runtime.waiters.start()
         runtime.events.start()
@@ -77,6 +79,7 @@ async def run_resources(settings: Settings) -> AsyncIterator[Runtime]:
         await runtime.waiters.stop()
         await rpc.drain()
         await runtime.notifier.stop()
+        await publisher.close()
         await broker.stop()
         await runtime.broker_admin.aclose()
         await engine.dispose()
