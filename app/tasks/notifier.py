@@ -44,7 +44,8 @@ class PendingNotice:
 
 
 class Lanes:
-    """Notices waiting to be sent: the urgent lane first, then bulk; each notice once.
+    """Notices waiting to be sent: the urgent lane first, then bulk; each notice once, and at
+    most `max_pending` in each lane.
 
     A notice stays known (`pending`) until `done`, so that the re-send job handing back a notice
     that is still waiting or in flight does not send it twice.
@@ -66,7 +67,7 @@ class Lanes:
         for notice in notices:
             if notice in self._pending:
                 continue
-            if len(self._pending) >= self._max_pending:
+            if len(lane) >= self._max_pending:  # per lane: a full bulk lane never refuses a single task's
                 refused += 1
                 continue
             self._pending.add(notice)
@@ -98,7 +99,7 @@ class Notifier:
         sessions: async_sessionmaker[AsyncSession],
         *,
         window: int = 500,
-        max_pending: int = 200_000,
+        max_pending: int = 100_000,
     ) -> None:
         self._publisher = publisher
         self._sessions = sessions
