@@ -77,6 +77,9 @@ class Lanes:
             self.idle.clear()
         return refused
 
+    def waiting(self) -> int:
+        return len(self._urgent) + len(self._bulk)
+
     def take(self, limit: int) -> list[PendingNotice]:
         taken: list[PendingNotice] = []
         for lane in (self._urgent, self._bulk):
@@ -121,6 +124,11 @@ class Notifier:
         if refused := self._lanes.put(notices, bulk=bulk):
             # Not lost: the tasks keep notice_due_at and the periodic job re-sends them.
             log.warning("notice backlog full; %d notices wait for the re-send job", refused)
+
+    @property
+    def busy(self) -> bool:
+        """Notices wait here to be sent (those in flight are not counted)."""
+        return self._lanes.waiting() > 0
 
     def start(self) -> None:
         self._worker = asyncio.create_task(self._run(), name="notifier")
