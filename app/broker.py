@@ -1,14 +1,25 @@
-"""The RabbitBroker factory and the one way the core publishes to a device's topics."""
+"""The RabbitBroker factory and the ways the core publishes to a device's topics.
+
+`publish_to_device` goes through the FastStream broker (one message at a time); the
+`ConfirmedPublisher` is a dedicated connection for many publishes in flight (the notices).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
 
+import aiormq
+from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
 from faststream.rabbit import ExchangeType, RabbitBroker, RabbitExchange, RabbitQueue
 from faststream.rabbit.schemas import Channel
 from faststream.rabbit.security import RabbitExternalAuth
 from pamqp.commands import Basic
+from yarl import URL
 
 from app.settings import BrokerSettings
 from swarm_device.protocol import to_routing_key
@@ -18,6 +29,9 @@ AMQ_TOPIC = RabbitExchange("amq.topic", type=ExchangeType.TOPIC, declare=False)
 DEAD_LETTER_EXCHANGE = RabbitExchange("swarm.dead-letter", type=ExchangeType.FANOUT, durable=True)
 DEAD_LETTER_QUEUE = RabbitQueue("swarm.dead-letter", durable=True)
 PUBLISH_TIMEOUT_S = 10.0
+PERSISTENT = 2
+
+log = logging.getLogger(__name__)
 
 
 def tls_context(settings: BrokerSettings) -> ssl.SSLContext:
@@ -71,3 +85,119 @@ async def publish_to_device(
         timeout=PUBLISH_TIMEOUT_S,
     )
     return isinstance(result, Basic.Ack)
+
+
+class BrokerUnavailable(Exception):
+    """The publisher has no connection now; it tries again on a later publish."""
+
+
+class NotConfirmed(Exception):
+    """The broker refused a publish (basic.nack)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One message to a device's topic, identified by `message_id` (unique among those in flight)."""
+
+    topic: str
+    body: bytes
+    message_id: str
+
+
+class ConfirmedPublisher:
+    """A dedicated AMQP connection with one confirm channel, for many publishes in flight.
+
+    It calls aiormq directly: through FastStream and aio-pika the same confirmed publish costs
+    about 1.7x the client CPU (decision 19). Publishes are mandatory, persistent JSON,
+    like `publish_to_device`. A lost connection is opened again on a later publish, at most
+    once per `retry_after_s`; meanwhile publishes raise `BrokerUnavailable`.
+    """
+
+    def __init__(self, settings: BrokerSettings, *, retry_after_s: float = 1.0) -> None:
+        self._url = URL(settings.url).update_query(auth="EXTERNAL", name="swarm-core publisher")
+        self._tls = tls_context(settings)
+        self._retry_after_s = retry_after_s
+        self._connection: AbstractConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._opening = asyncio.Lock()
+        self._next_attempt = 0.0
+
+    async def publish(self, message: Outgoing) -> bool:
+        """True if a queue took it, False if nobody subscribes; raises if the broker did not confirm."""
+        channel = await self._open_channel()
+        async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+            return await _publish_on(channel, message)
+
+    async def publish_many(
+        self, messages: Sequence[Outgoing], timeout_s: float = PUBLISH_TIMEOUT_S
+    ) -> list[bool | BaseException]:
+        """All in flight at once; per message: routed (True), unroutable (False) or the error.
+
+        Raises BrokerUnavailable (nothing was sent) when there is no connection.
+        """
+        channel = await self._open_channel()
+        sends = [asyncio.ensure_future(_publish_on(channel, m)) for m in messages]
+        _, late = await asyncio.wait(sends, timeout=timeout_s)
+        for send in late:
+            send.cancel()
+        if late:
+            # Confirms stopped coming: a stalled connection; the next window opens a fresh one.
+            log.warning("%d of %d publishes not confirmed within %.0f s", len(late), len(sends), timeout_s)
+            await self.close()
+        return [_outcome(send) for send in sends]
+
+    async def connect(self) -> None:
+        await self._open_channel()
+
+    async def close(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None and not connection.is_closed:
+            # Closing a broken connection may fail or hang: it is dropped either way.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+                    await connection.close()
+
+    async def _open_channel(self) -> AbstractChannel:
+        if self._channel is not None and not self._channel.is_closed:
+            return self._channel
+        async with self._opening:
+            if self._channel is not None and not self._channel.is_closed:
+                return self._channel
+            loop = asyncio.get_running_loop()
+            if loop.time() < self._next_attempt:
+                raise BrokerUnavailable("no broker connection; retrying shortly")
+            await self.close()
+            try:
+                async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+                    self._connection = await aiormq.connect(self._url, context=self._tls)
+                    self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=False)
+            except Exception as exc:
+                self._next_attempt = loop.time() + self._retry_after_s
+                await self.close()
+                raise BrokerUnavailable(f"cannot open the broker connection: {exc!r}") from exc
+            log.info("publisher connected to %s", self._url.with_query(None))
+            return self._channel
+
+
+async def _publish_on(channel: AbstractChannel, message: Outgoing) -> bool:
+    properties = Basic.Properties(
+        content_type="application/json", delivery_mode=PERSISTENT, message_id=message.message_id
+    )
+    confirmation = await channel.basic_publish(
+        message.body,
+        exchange=AMQ_TOPIC.name,
+        routing_key=to_routing_key(message.topic),
+        properties=properties,
+        mandatory=True,
+    )
+    if isinstance(confirmation, Basic.Ack):
+        return True
+    if isinstance(confirmation, DeliveredMessage):  # returned: no queue is bound for this topic
+        return False
+    raise NotConfirmed(f"{message.message_id}: {confirmation!r}")
+
+
+def _outcome(send: asyncio.Future[bool]) -> bool | BaseException:
+    if send.cancelled():
+        return TimeoutError("not confirmed in time")
+    return send.exception() or send.result()

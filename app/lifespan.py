@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from app import pki
 from app.asyncapi import document_down_topics
 from app.auth import TokenVerifier
-from app.broker import create_broker, declare_dead_letter_path
+from app.broker import ConfirmedPublisher, create_broker, declare_dead_letter_path
 from app.db import create_engine, create_sessionmaker
 from app.dependencies import Runtime
 from app.device_rpc import DeviceRpcRouter
@@ -37,17 +37,18 @@ class State(TypedDict):
 
 @contextlib.asynccontextmanager
 async def run_resources(settings: Settings) -> AsyncIterator[Runtime]:
-    """Engine -> sessions -> broker (subscribers) -> notifier, waiters -> scheduler; stop in reverse."""
+    """Engine -> sessions -> broker (subscribers) -> publisher, notifier, waiters -> scheduler; stop in reverse."""
     engine = create_engine(settings.database)
     sessions = create_sessionmaker(engine)
     broker = create_broker(settings.broker)
+    publisher = ConfirmedPublisher(settings.broker)
     rpc = DeviceRpcRouter(broker, max_concurrency=settings.database.pool_size)
     task_messaging.register(rpc, sessions)
     device_messaging.register(rpc, sessions)
     presence.register(rpc.router, sessions)
     broker.include_router(rpc.router)
     document_down_topics(broker)
-    notifier = Notifier(broker, sessions)
+    notifier = Notifier(publisher, sessions)
     runtime = Runtime(
         settings=settings,
         engine=engine,
@@ -67,6 +68,7 @@ async def run_resources(settings: Settings) -> AsyncIterator[Runtime]:
         await broker.connect()
         await declare_dead_letter_path(broker)
         await broker.start()
+        await publisher.connect()
         runtime.notifier.start()
         runtime.waiters.start()
         runtime.events.start()
@@ -81,6 +83,7 @@ async def run_resources(settings: Settings) -> AsyncIterator[Runtime]:
         await rpc.drain()
         await runtime.intake.drain()
         await runtime.notifier.stop()
+        await publisher.close()
         await broker.stop()
         await runtime.broker_admin.aclose()
         await engine.dispose()

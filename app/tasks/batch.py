@@ -1,9 +1,9 @@
 """Batch dispatch: one task for each of many devices, in one transaction, notices in bulk.
 
 The tasks are inserted with one INSERT ... SELECT (the audit trigger writes their first events),
-committed, and only then handed to the notifier, which publishes with confirms in flight and
-marks them SENT in bulk. An Idempotency-Key names the batch: the same key and body answer the
-same batch, another body is a conflict.
+committed, and only then handed to the notifier's bulk lane (sent after single tasks' notices),
+which publishes with confirms in flight and marks them SENT in bulk. An Idempotency-Key names the
+batch: the same key and body answer the same batch, another body is a conflict.
 """
 
 from __future__ import annotations
@@ -78,8 +78,7 @@ async def create_batch(
             if earlier is None:
                 raise Conflict("a request with this Idempotency-Key is in flight; retry") from None
             return _replayed(earlier, hashed, tasks_path), False
-    for task_id, device_id in created:
-        notifier.task_queued(task_id, device_id)
+    notifier.tasks_queued_in_bulk(created)
     return to_read(batch, tasks_path), True
 
 

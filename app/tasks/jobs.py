@@ -21,6 +21,10 @@ async def expire_tasks(runtime: Runtime) -> None:
 
 
 async def resend_notices(runtime: Runtime) -> None:
+    if runtime.notifier.busy:
+        # A backlog (a big batch) is older than the retry age but on its way: handing it back
+        # would only send it twice. What is due is handed back once this process caught up.
+        return
     older_than = runtime.settings.tasks.notice_retry_after_s
     if count := await service.resend_notices(runtime.sessions, runtime.notifier, older_than):
         log.info("re-sending %d notices that were never confirmed", count)

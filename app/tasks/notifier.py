@@ -1,9 +1,12 @@
 """Task notices to devices, sent after the commit and off the request path.
 
-A request commits its task and returns; the notifier publishes the `task_queued` notices in
-batches with broker confirms in flight, then marks the confirmed ones SENT in one UPDATE. The
-database stays the truth: a notice that is never confirmed (broker down, process killed) keeps
-its `notice_due_at`, and the periodic job hands it back here.
+A request commits its task and returns; the notifier publishes the notices in windows with
+broker confirms in flight, then marks the confirmed ones in one UPDATE while the next window is
+published. The database stays the truth: a notice that is never confirmed (broker down, process
+killed) keeps its `notice_due_at`, and the periodic job hands it back here.
+
+Two lanes: notices of single tasks, retries and cancels go before bulk (batch) notices, so a
+batch of 100,000 delays a later single task's notice by one window at most, not by its backlog.
 """
 
 from __future__ import annotations
@@ -12,14 +15,15 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 import orjson
-from faststream.rabbit import RabbitBroker
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.broker import publish_to_device
+from app.broker import ConfirmedPublisher, Outgoing
 from app.tasks import repository as repo
 from swarm_device.protocol import notify_topic
 
@@ -34,34 +38,97 @@ class PendingNotice:
     device_id: str
     event: NoticeEvent
 
+    def message(self) -> Outgoing:
+        body = orjson.dumps({"event": self.event, "task_id": str(self.task_id)})
+        return Outgoing(notify_topic(self.device_id), body, message_id=f"{self.event}:{self.task_id}")
+
+
+class Lanes:
+    """Notices waiting to be sent: the urgent lane first, then bulk; each notice once, and at
+    most `max_pending` in each lane.
+
+    A notice stays known (`pending`) until `done`, so that the re-send job handing back a notice
+    that is still waiting or in flight does not send it twice.
+    """
+
+    def __init__(self, max_pending: int) -> None:
+        self._urgent: deque[PendingNotice] = deque()
+        self._bulk: deque[PendingNotice] = deque()
+        self._pending: set[PendingNotice] = set()
+        self._max_pending = max_pending
+        self.ready = asyncio.Event()
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def put(self, notices: Iterable[PendingNotice], *, bulk: bool) -> int:
+        """Queue the notices not known yet; returns how many did not fit (the re-send job sends those)."""
+        lane = self._bulk if bulk else self._urgent
+        refused = 0
+        for notice in notices:
+            if notice in self._pending:
+                continue
+            if len(lane) >= self._max_pending:  # per lane: a full bulk lane never refuses a single task's
+                refused += 1
+                continue
+            self._pending.add(notice)
+            lane.append(notice)
+        if lane:
+            self.ready.set()
+            self.idle.clear()
+        return refused
+
+    def waiting(self) -> int:
+        return len(self._urgent) + len(self._bulk)
+
+    def take(self, limit: int) -> list[PendingNotice]:
+        taken: list[PendingNotice] = []
+        for lane in (self._urgent, self._bulk):
+            while lane and len(taken) < limit:
+                taken.append(lane.popleft())
+        if not (self._urgent or self._bulk):
+            self.ready.clear()
+        return taken
+
+    def done(self, notices: Iterable[PendingNotice]) -> None:
+        self._pending.difference_update(notices)
+        if not self._pending:
+            self.idle.set()
+
 
 class Notifier:
     def __init__(
         self,
-        broker: RabbitBroker,
+        publisher: ConfirmedPublisher,
         sessions: async_sessionmaker[AsyncSession],
         *,
-        batch_size: int = 500,
+        window: int = 500,
         max_pending: int = 100_000,
     ) -> None:
-        self._broker = broker
+        self._publisher = publisher
         self._sessions = sessions
-        self._batch_size = batch_size
-        self._queue: asyncio.Queue[PendingNotice] = asyncio.Queue(max_pending)
+        self._window = window
+        self._lanes = Lanes(max_pending)
         self._worker: asyncio.Task[None] | None = None
 
     def task_queued(self, task_id: uuid.UUID, device_id: str) -> None:
-        self._submit(PendingNotice(task_id, device_id, "task_queued"))
+        self._submit([PendingNotice(task_id, device_id, "task_queued")], bulk=False)
 
     def task_canceled(self, task_id: uuid.UUID, device_id: str) -> None:
-        self._submit(PendingNotice(task_id, device_id, "task_canceled"))
+        self._submit([PendingNotice(task_id, device_id, "task_canceled")], bulk=False)
 
-    def _submit(self, notice: PendingNotice) -> None:
-        try:
-            self._queue.put_nowait(notice)
-        except asyncio.QueueFull:
-            # Not lost: the task keeps notice_due_at and the periodic job re-sends it.
-            log.warning("notice backlog full; task %s waits for the re-send job", notice.task_id)
+    def tasks_queued_in_bulk(self, tasks: Iterable[tuple[uuid.UUID, str]]) -> None:
+        """Notices of a batch: sent after every single task's, retry's and cancel's notice."""
+        self._submit((PendingNotice(task_id, device_id, "task_queued") for task_id, device_id in tasks), bulk=True)
+
+    def _submit(self, notices: Iterable[PendingNotice], *, bulk: bool) -> None:
+        if refused := self._lanes.put(notices, bulk=bulk):
+            # Not lost: the tasks keep notice_due_at and the periodic job re-sends them.
+            log.warning("notice backlog full; %d notices wait for the re-send job", refused)
+
+    @property
+    def busy(self) -> bool:
+        """Notices wait here to be sent (those in flight are not counted)."""
+        return self._lanes.waiting() > 0
 
     def start(self) -> None:
         self._worker = asyncio.create_task(self._run(), name="notifier")
@@ -71,41 +138,50 @@ class Notifier:
         if self._worker is None:
             return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._queue.join(), timeout_s)
+            await asyncio.wait_for(self._lanes.idle.wait(), timeout_s)
         self._worker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._worker
         self._worker = None
 
     async def _run(self) -> None:
-        while True:
-            batch = [await self._queue.get()]
-            while len(batch) < self._batch_size and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            try:
-                await self._send(batch)
-            except Exception:
-                log.exception("sending %d notices failed; the re-send job will retry", len(batch))
-            finally:
-                for _ in batch:
-                    self._queue.task_done()
+        # The UPDATE of one window runs while the next window is published.
+        recording: asyncio.Task[None] | None = None
+        try:
+            while True:
+                await self._lanes.ready.wait()
+                window = self._lanes.take(self._window)
+                outcomes = await self._publish(window)
+                if recording is not None:
+                    await recording
+                recording = asyncio.create_task(self._record(window, outcomes))
+        finally:
+            if recording is not None:
+                recording.cancel()
 
-    async def _send(self, batch: list[PendingNotice]) -> None:
-        outcomes = await asyncio.gather(*(self._publish(n) for n in batch), return_exceptions=True)
+    async def _publish(self, window: list[PendingNotice]) -> list[bool | BaseException]:
+        try:
+            return await self._publisher.publish_many([notice.message() for notice in window])
+        except Exception as exc:  # no connection: nothing was sent
+            return [exc] * len(window)
+
+    async def _record(self, window: list[PendingNotice], outcomes: list[bool | BaseException]) -> None:
         routed: list[uuid.UUID] = []
         unrouted: list[uuid.UUID] = []
-        for notice, outcome in zip(batch, outcomes, strict=True):
+        failed: list[BaseException] = []
+        for notice, outcome in zip(window, outcomes, strict=True):
             if isinstance(outcome, BaseException):
-                log.warning("notice for task %s not confirmed: %r", notice.task_id, outcome)
+                failed.append(outcome)
             elif notice.event == "task_queued":
                 (routed if outcome else unrouted).append(notice.task_id)
-        if routed or unrouted:
-            async with self._sessions() as session:
-                await repo.mark_noticed(session, routed, unrouted)
-                await session.commit()
-
-    async def _publish(self, notice: PendingNotice) -> bool:
-        body = orjson.dumps({"event": notice.event, "task_id": str(notice.task_id)})
-        return await publish_to_device(
-            self._broker, notify_topic(notice.device_id), body, message_id=f"{notice.event}:{notice.task_id}"
-        )
+        if failed:
+            log.warning("%d notices not confirmed (%r); the re-send job will retry", len(failed), failed[0])
+        try:
+            if routed or unrouted:
+                async with self._sessions() as session:
+                    await repo.mark_noticed(session, routed, unrouted)
+                    await session.commit()
+        except Exception:
+            log.exception("recording %d confirmed notices failed; the re-send job will retry", len(window))
+        finally:
+            self._lanes.done(window)

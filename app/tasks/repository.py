@@ -14,7 +14,9 @@ from sqlalchemy import (
     String,
     Uuid,
     and_,
+    any_,
     bindparam,
+    case,
     func,
     insert,
     literal,
@@ -191,23 +193,36 @@ async def extend_deadline(session: AsyncSession, task: Task, status_details: dic
 
 
 async def mark_noticed(session: AsyncSession, routed: Sequence[uuid.UUID], unrouted: Sequence[uuid.UUID]) -> None:
-    """The broker confirmed these notices: routed ones make QUEUED tasks SENT; all leave the outbox."""
-    if routed:
-        sent = await session.execute(
-            update(Task)
-            .where(Task.id.in_(routed), Task.status == TaskStatus.QUEUED)
-            .values(status=TaskStatus.SENT, version=Task.version + 1, sent_at=func.now(), updated_at=func.now())
-            .returning(Task.created_at, Task.sent_at)
-            .execution_options(synchronize_session=False)
-        )
-        for created_at, sent_at in sent:
-            metrics.CREATED_TO_SENT.observe(metrics.seconds_between(created_at, sent_at))
-    await session.execute(
+    """The broker confirmed these notices: routed ones make QUEUED tasks SENT; all leave the outbox.
+
+    One UPDATE whatever the count: the ids travel as two array parameters, so the statement
+    text never changes and is prepared once per connection.
+    """
+    routed_ids = bindparam("routed", list(routed), type_=ARRAY(Uuid()))
+    confirmed_ids = bindparam("confirmed", [*routed, *unrouted], type_=ARRAY(Uuid()))
+    becomes_sent = and_(Task.id == any_(routed_ids), Task.status == TaskStatus.QUEUED)
+
+    def if_sent(value: Any, otherwise: Any) -> ColumnElement[Any]:
+        return case((becomes_sent, value), else_=otherwise)
+
+    now = func.now()
+    sent = await session.execute(
         update(Task)
-        .where(Task.id.in_([*routed, *unrouted]), Task.notice_due_at.is_not(None))
-        .values(notice_due_at=None)
+        .where(Task.id == any_(confirmed_ids), or_(Task.notice_due_at.is_not(None), becomes_sent))
+        .values(
+            notice_due_at=None,
+            status=if_sent(TaskStatus.SENT.value, Task.status),
+            version=if_sent(Task.version + 1, Task.version),
+            sent_at=if_sent(now, Task.sent_at),
+            updated_at=if_sent(now, Task.updated_at),
+        )
+        # now() is the transaction's time: only a row made SENT by this statement has it as sent_at.
+        .returning(Task.created_at, Task.sent_at, Task.sent_at == now)
         .execution_options(synchronize_session=False)
     )
+    for created_at, sent_at, made_sent in sent:
+        if made_sent:
+            metrics.CREATED_TO_SENT.observe(metrics.seconds_between(created_at, sent_at))
 
 
 async def notices_due(session: AsyncSession, older_than_s: float, limit: int) -> list[tuple[uuid.UUID, str]]:
