@@ -14,7 +14,7 @@ from pydantic import SecretStr
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.broker import create_broker
+from app.broker import ConfirmedPublisher
 from app.db import create_engine, create_sessionmaker
 from app.errors import is_infrastructure_error
 from app.settings import Settings, TaskSettings
@@ -43,7 +43,7 @@ async def sessions(settings: Settings) -> AsyncIterator[async_sessionmaker[Async
 
 def batcher(sessions: async_sessionmaker[AsyncSession], settings: Settings) -> IntakeBatcher:
     # Never started: notices only queue up in memory (the tasks keep notice_due_at).
-    notifier = Notifier(create_broker(settings.broker), sessions)
+    notifier = Notifier(ConfirmedPublisher(settings.broker), sessions)
     return IntakeBatcher(sessions, notifier, writers=1)
 
 
