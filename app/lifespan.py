@@ -20,12 +20,12 @@ from app.devices import messaging as device_messaging
 from app.devices import presence
 from app.devices.broker_admin import BrokerAdmin
 from app.devices.config import RetainedPublisher
-from app.events.feed import EventFeed
+from app.events.feed import ChangeFeed
 from app.scheduler import create_scheduler
 from app.settings import Settings
 from app.tasks import messaging as task_messaging
 from app.tasks.notifier import Notifier
-from app.tasks.waiters import TaskWaiters, asyncpg_dsn
+from app.tasks.waiters import TaskWaiters
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,8 @@ class State(TypedDict):
 
 @contextlib.asynccontextmanager
 async def run_resources(settings: Settings) -> AsyncIterator[Runtime]:
-    """Engine -> sessions -> broker (subscribers) -> notifier, waiters -> scheduler; stop in reverse."""
+    """Engine -> sessions -> broker (subscribers) -> notifier -> scheduler; stop in reverse (the
+    change feed and the waiters run only while requests wait on them)."""
     engine = create_engine(settings.database)
     sessions = create_sessionmaker(engine)
     broker = create_broker(settings.broker)
@@ -46,16 +47,17 @@ async def run_resources(settings: Settings) -> AsyncIterator[Runtime]:
     presence.register(rpc.router, sessions)
     broker.include_router(rpc.router)
     document_down_topics(broker)
+    changes = ChangeFeed(sessions, settings.database.change_poll_interval_s)
     runtime = Runtime(
         settings=settings,
         engine=engine,
         sessions=sessions,
         broker=broker,
         notifier=Notifier(broker, sessions),
-        waiters=TaskWaiters(asyncpg_dsn(settings.database.url.get_secret_value())),
+        waiters=TaskWaiters(sessions, changes),
         broker_admin=BrokerAdmin.from_settings(settings.broker),
         config_publisher=RetainedPublisher(settings.broker),
-        events=EventFeed(asyncpg_dsn(settings.database.url.get_secret_value())),
+        changes=changes,
         ca=pki.load_ca_files(settings.pki.ca_cert_file, settings.pki.ca_key_file),
         tokens=TokenVerifier(settings.auth),
     )
@@ -65,16 +67,14 @@ async def run_resources(settings: Settings) -> AsyncIterator[Runtime]:
         await declare_dead_letter_path(broker)
         await broker.start()
         runtime.notifier.start()
-        runtime.waiters.start()
-        runtime.events.start()
         if settings.scheduler.enabled:
             scheduler.start()
         yield runtime
     finally:
         if scheduler.running:
             scheduler.shutdown(wait=False)
-        await runtime.events.stop()
         await runtime.waiters.stop()
+        await runtime.changes.stop()
         await rpc.drain()
         await runtime.notifier.stop()
         await broker.stop()
