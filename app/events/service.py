@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -91,7 +91,7 @@ async def stream(
     device_id: str | None,
     types: frozenset[str],
     heartbeat_s: float,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes]:
     """SSE frames of the events after id `after`, then live; a comment line every `heartbeat_s`
     seconds of silence keeps proxies from closing the connection."""
     cursor = _Cursor(after)
