@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 _FINAL = sorted(s.value for s in FINAL_STATUSES)
 
 
+# For code that speaks asyncpg directly (bench, tests); its home would be app/db.py.
 def asyncpg_dsn(sqlalchemy_url: str) -> str:
     return make_url(sqlalchemy_url).set(drivername="postgresql").render_as_string(hide_password=False)
 
