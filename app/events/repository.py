@@ -46,6 +46,7 @@ async def last_event_id(session: AsyncSession) -> int:
 
 async def commits_marker(session: AsyncSession) -> str:
     """PostgreSQL's current snapshot (`xmin:xmax:in-progress xids`), read from memory, no table.
-    It changes exactly when a transaction that wrote something ends, in any session: a commit
-    adds to xmax or leaves the in-progress list, whatever the order of commits."""
+    It changes whenever a transaction that wrote (or locked) rows ends, in any session of any
+    database of the server: its xid raises xmax or leaves the in-progress list, whatever the
+    order of commits. Reads alone never change it."""
     return str(await session.scalar(select(cast(func.pg_current_snapshot(), Text))))
