@@ -15,7 +15,7 @@ from app.auth import ANONYMOUS, Principal, Scope, TokenVerifier
 from app.devices.broker_admin import BrokerAdmin
 from app.devices.config import RetainedPublisher
 from app.errors import Forbidden, Unauthorized
-from app.events.feed import EventFeed
+from app.events.feed import ChangeFeed
 from app.pki import CertificateAuthority
 from app.settings import Settings
 from app.tasks.intake import IntakeBatcher
@@ -34,7 +34,7 @@ class Runtime:
     waiters: TaskWaiters
     broker_admin: BrokerAdmin
     config_publisher: RetainedPublisher
-    events: EventFeed
+    changes: ChangeFeed
     ca: CertificateAuthority
     tokens: TokenVerifier
 

@@ -20,13 +20,13 @@ from app.devices import messaging as device_messaging
 from app.devices import presence
 from app.devices.broker_admin import BrokerAdmin
 from app.devices.config import RetainedPublisher
-from app.events.feed import EventFeed
+from app.events.feed import ChangeFeed
 from app.scheduler import create_scheduler
 from app.settings import Settings
 from app.tasks import messaging as task_messaging
 from app.tasks.intake import IntakeBatcher
 from app.tasks.notifier import Notifier
-from app.tasks.waiters import TaskWaiters, asyncpg_dsn
+from app.tasks.waiters import TaskWaiters
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ class State(TypedDict):
 
 @contextlib.asynccontextmanager
 async def run_resources(settings: Settings) -> AsyncIterator[Runtime]:
-    """Engine -> sessions -> broker (subscribers) -> publisher, notifier, waiters -> scheduler; stop in reverse."""
+    """Engine -> sessions -> broker (subscribers) -> publisher, notifier, intake -> scheduler; stop
+    in reverse (the change feed and the waiters run only while requests wait on them)."""
     engine = create_engine(settings.database)
     sessions = create_sessionmaker(engine)
     broker = create_broker(settings.broker)
@@ -49,6 +50,7 @@ async def run_resources(settings: Settings) -> AsyncIterator[Runtime]:
     broker.include_router(rpc.router)
     document_down_topics(broker)
     notifier = Notifier(publisher, sessions)
+    changes = ChangeFeed(sessions, settings.database.change_poll_interval_s)
     runtime = Runtime(
         settings=settings,
         engine=engine,
@@ -56,10 +58,10 @@ async def run_resources(settings: Settings) -> AsyncIterator[Runtime]:
         broker=broker,
         notifier=notifier,
         intake=IntakeBatcher(sessions, notifier),
-        waiters=TaskWaiters(asyncpg_dsn(settings.database.url.get_secret_value())),
+        waiters=TaskWaiters(sessions, changes),
         broker_admin=BrokerAdmin.from_settings(settings.broker),
         config_publisher=RetainedPublisher(settings.broker),
-        events=EventFeed(asyncpg_dsn(settings.database.url.get_secret_value())),
+        changes=changes,
         ca=pki.load_ca_files(settings.pki.ca_cert_file, settings.pki.ca_key_file),
         tokens=TokenVerifier(settings.auth),
     )
@@ -70,16 +72,14 @@ async def run_resources(settings: Settings) -> AsyncIterator[Runtime]:
         await broker.start()
         await publisher.connect()
         runtime.notifier.start()
-        runtime.waiters.start()
-        runtime.events.start()
         if settings.scheduler.enabled:
             scheduler.start()
         yield runtime
     finally:
         if scheduler.running:
             scheduler.shutdown(wait=False)
-        await runtime.events.stop()
         await runtime.waiters.stop()
+        await runtime.changes.stop()
         await rpc.drain()
         await runtime.intake.drain()
         await runtime.notifier.stop()

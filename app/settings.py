@@ -15,6 +15,9 @@ class DatabaseSettings(BaseModel):
     max_overflow: int = 10
     # Seconds a request waits for a connection or a statement before the API answers 503.
     timeout_s: float = 5.0
+    # While an SSE stream or a long-poll waits, how often the app looks for new commits: the
+    # most a wake-up lags behind the commit (app/events/feed.py).
+    change_poll_interval_s: float = 0.05
 
 
 class BrokerSettings(BaseModel):

@@ -1,42 +1,89 @@
-"""Wake-ups for the event streams of this process, from PostgreSQL notifications.
+"""Wake-ups for what waits on the database in this process: SSE streams and long-polls.
 
-Triggers on `task_events` and `device_events` call pg_notify('swarm_events') once per statement;
-PostgreSQL delivers it after the commit to every listening app process, whichever one wrote the
-events. A wake-up carries nothing: the streams read the event log itself.
+One poller per process, running only while somebody is subscribed, reads PostgreSQL's snapshot
+every `interval_s` and wakes the subscribers when it changed: some transaction that wrote
+something ended since the last look, in whichever process. A wake-up carries nothing: the
+subscribers read the database itself. Polling, not LISTEN/NOTIFY: NOTIFY serialises every commit
+that sends one (docs/decisions.md), while this costs one read per interval and only while
+somebody waits; a wake-up lags its commit by at most the interval.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+from collections.abc import Iterator
 
-from app.pg_notify import listen_forever
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-CHANNEL = "swarm_events"
+from app.events import repository as repo
+
+log = logging.getLogger(__name__)
 
 
-class EventFeed:
-    def __init__(self, dsn: str) -> None:
-        self._dsn = dsn
+class ChangeFeed:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], interval_s: float) -> None:
+        self._sessions = sessions
+        self._interval_s = interval_s
         self._changed = asyncio.Event()
-        self._listener: asyncio.Task[None] | None = None
+        self._subscribers = 0
+        self._poller: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self._listener = asyncio.create_task(
-            listen_forever(self._dsn, CHANNEL, lambda _payload: self._wake(), self._wake), name="event-feed"
-        )
+    @property
+    def polling(self) -> bool:
+        return self._poller is not None
 
-    async def stop(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
-
-    def _wake(self) -> None:
-        # Wake every waiting stream, then start a new generation for the next wake-up.
-        self._changed.set()
-        self._changed = asyncio.Event()
+    @contextlib.contextmanager
+    def subscribed(self) -> Iterator[None]:
+        """Keep the poller running while inside; it stops once the last subscriber has left."""
+        self._subscribers += 1
+        if self._poller is None:
+            self._poller = asyncio.create_task(self._poll(), name="change-feed")
+        try:
+            yield
+        finally:
+            self._subscribers -= 1
 
     def next_change(self) -> asyncio.Event:
-        """The event that is set on the next wake-up; take it before reading the log."""
+        """The event that is set on the next wake-up; take it before reading the database."""
         return self._changed
+
+    async def stop(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+
+    async def _poll(self) -> None:
+        # None: the first look (and the first after a failure) always wakes, since a commit may
+        # have come between a subscriber's own read and that look.
+        seen: str | None = None
+        failing = False
+        try:
+            while self._subscribers:
+                try:
+                    marker = await self._read_marker()
+                except Exception:
+                    if not failing:
+                        log.exception("polling for commits failed; retrying every %.2fs", self._interval_s)
+                    failing, seen = True, None
+                else:
+                    failing = False
+                    if marker != seen:
+                        seen = marker
+                        self._wake()
+                await asyncio.sleep(self._interval_s)
+        finally:
+            self._poller = None
+
+    async def _read_marker(self) -> str:
+        async with self._sessions() as session:
+            # One statement, no BEGIN/ROLLBACK round trips around it.
+            await session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+            return await repo.commits_marker(session)
+
+    def _wake(self) -> None:
+        # Wake every waiting subscriber, then start a new generation for the next wake-up.
+        self._changed.set()
+        self._changed = asyncio.Event()

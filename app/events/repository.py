@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Row, func, literal, null, select, union_all
+from sqlalchemy import Row, Text, cast, func, literal, null, select, union_all
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.events.models import DeviceEvent
@@ -42,3 +42,11 @@ async def events_after(session: AsyncSession, after: int, limit: int) -> Sequenc
 async def last_event_id(session: AsyncSession) -> int:
     newest = union_all(select(func.max(TaskEvent.id)), select(func.max(DeviceEvent.id)), select(literal(0)))
     return int(await session.scalar(select(func.max(newest.subquery().c[0]))) or 0)
+
+
+async def commits_marker(session: AsyncSession) -> str:
+    """PostgreSQL's current snapshot (`xmin:xmax:in-progress xids`), read from memory, no table.
+    It changes whenever a transaction that wrote (or locked) rows ends, in any session of any
+    database of the server: its xid raises xmax or leaves the in-progress list, whatever the
+    order of commits. Reads alone never change it."""
+    return str(await session.scalar(select(cast(func.pg_current_snapshot(), Text))))

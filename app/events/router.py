@@ -35,7 +35,7 @@ async def events(
     after = last_event_id if last_event_id is not None else await service.current_position(runtime.sessions)
     frames = service.stream(
         runtime.sessions,
-        runtime.events,
+        runtime.changes,
         after=after,
         device_id=device_id,
         types=service.parse_types(event_type),

@@ -1,4 +1,4 @@
-"""The live event stream: the event log read in id order, woken by the feed, framed as SSE.
+"""The live event stream: the event log read in id order, woken by the change feed, framed as SSE.
 
 Ids come from one sequence, but a transaction may commit after a later one: an id missing from
 the log may still appear. A reader therefore stops before such a gap until it is filled or
@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,7 +20,7 @@ from sqlalchemy import Row
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.events import repository as repo
-from app.events.feed import EventFeed
+from app.events.feed import ChangeFeed
 from app.events.schemas import EventRead
 from swarm_device.protocol import TaskStatus
 
@@ -85,36 +85,38 @@ def _wanted(event: EventRead, device_id: str | None, types: frozenset[str]) -> b
 
 async def stream(
     sessions: Sessions,
-    feed: EventFeed,
+    feed: ChangeFeed,
     *,
     after: int,
     device_id: str | None,
     types: frozenset[str],
     heartbeat_s: float,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes]:
     """SSE frames of the events after id `after`, then live; a comment line every `heartbeat_s`
     seconds of silence keeps proxies from closing the connection."""
     cursor = _Cursor(after)
     yield b"retry: 2000\n\n"
     idle_since = time.monotonic()
-    while True:
-        changed = feed.next_change()
-        async with sessions() as session:
-            rows = await repo.events_after(session, cursor.position, READ_LIMIT)
-        for row in cursor.take(rows):
-            event = to_event(row)
-            if _wanted(event, device_id, types):
-                yield sse_frame(event)
+    # Subscribed until the client leaves (the generator is closed or cancelled).
+    with feed.subscribed():
+        while True:
+            changed = feed.next_change()
+            async with sessions() as session:
+                rows = await repo.events_after(session, cursor.position, READ_LIMIT)
+            for row in cursor.take(rows):
+                event = to_event(row)
+                if _wanted(event, device_id, types):
+                    yield sse_frame(event)
+                    idle_since = time.monotonic()
+            if len(rows) == READ_LIMIT and cursor.gap_seen_at is None:
+                continue  # more backlog to read
+            # A pending gap is re-checked soon; otherwise wait for a wake-up or the heartbeat.
+            timeout = 0.5 if cursor.gap_seen_at is not None else heartbeat_s - (time.monotonic() - idle_since)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), max(timeout, 0.0))
+            if time.monotonic() - idle_since >= heartbeat_s:
+                yield b": keep-alive\n\n"
                 idle_since = time.monotonic()
-        if len(rows) == READ_LIMIT and cursor.gap_seen_at is None:
-            continue  # more backlog to read
-        # A pending gap is re-checked soon; otherwise wait for a wake-up or the heartbeat.
-        timeout = 0.5 if cursor.gap_seen_at is not None else heartbeat_s - (time.monotonic() - idle_since)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(changed.wait(), max(timeout, 0.0))
-        if time.monotonic() - idle_since >= heartbeat_s:
-            yield b": keep-alive\n\n"
-            idle_since = time.monotonic()
 
 
 async def current_position(sessions: Sessions) -> int:

@@ -241,8 +241,7 @@ async def wait_until_final(sessions: Sessions, waiters: TaskWaiters, task_id: uu
             remaining = deadline - loop.time()
             if task.status.is_final or remaining <= 0:
                 return task
-            finished.clear()
-            # Re-read now and then even without a wake-up: notifications are a hint, not the truth.
+            # Re-read now and then even without a wake-up: wake-ups are a hint, not the truth.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(finished.wait(), min(remaining, 5.0))
 

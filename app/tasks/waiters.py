@@ -1,67 +1,91 @@
-"""Wake long-polling requests when a task becomes final, in whichever app process that happens.
+"""Wake long-polling requests when their task becomes final, in whichever app process that happens.
 
-A trigger on `tasks` calls pg_notify('swarm_task_final', id) when a task reaches a final state;
-PostgreSQL delivers it after the commit to every listening process. A lost notification (the
-listener reconnecting) only delays a waiter until its next re-check of the database.
+While anything is watched, the change feed (app/events/feed.py) wakes this on every commit it
+sees; one query then finds which watched tasks are final, and their waiters are woken. A final
+task never changes again, so a wake-up stays true. A waiter re-reads its task now and then
+anyway: a wake-up is a hint, the database is the truth.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
+from sqlalchemy import ARRAY, Uuid, any_, bindparam, select
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.pg_notify import listen_forever
+from app.events.feed import ChangeFeed
+from app.tasks.models import Task
+from swarm_device.protocol import FINAL_STATUSES
 
-CHANNEL = "swarm_task_final"
+log = logging.getLogger(__name__)
+
+_FINAL = sorted(s.value for s in FINAL_STATUSES)
 
 
+# For code that speaks asyncpg directly (bench, tests); its home would be app/db.py.
 def asyncpg_dsn(sqlalchemy_url: str) -> str:
     return make_url(sqlalchemy_url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 class TaskWaiters:
-    def __init__(self, dsn: str) -> None:
-        self._dsn = dsn
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], feed: ChangeFeed) -> None:
+        self._sessions = sessions
+        self._feed = feed
         self._events: defaultdict[uuid.UUID, set[asyncio.Event]] = defaultdict(set)
-        self._listener: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._listener = asyncio.create_task(self._listen_forever(), name="task-waiters")
-
-    async def stop(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+        self._checker: asyncio.Task[None] | None = None
 
     @contextlib.contextmanager
     def watch(self, task_id: uuid.UUID) -> Iterator[asyncio.Event]:
+        """An event that is set once the task is final (it never needs clearing)."""
         event = asyncio.Event()
-        self._events[task_id].add(event)
+        with self._feed.subscribed():
+            self._events[task_id].add(event)
+            if self._checker is None:
+                self._checker = asyncio.create_task(self._check_on_changes(), name="task-waiters")
+            try:
+                yield event
+            finally:
+                self._events[task_id].discard(event)
+                if not self._events[task_id]:
+                    del self._events[task_id]
+
+    async def stop(self) -> None:
+        if self._checker is not None:
+            self._checker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checker
+
+    async def _check_on_changes(self) -> None:
+        # Left waiting when the last watch ends: the feed stops polling then, so this costs
+        # nothing, and the next watch's first wake-up finds it.
+        changed = self._feed.next_change()
         try:
-            yield event
+            while self._events:
+                await changed.wait()
+                # Taken before the query: a commit during it wakes the next round.
+                changed = self._feed.next_change()
+                if not self._events:
+                    break
+                try:
+                    final = await self._final_among(list(self._events))
+                except Exception:
+                    log.exception("checking watched tasks failed; their waiters re-read them later")
+                    continue
+                for task_id in final:
+                    for event in self._events.get(task_id, ()):
+                        event.set()
         finally:
-            self._events[task_id].discard(event)
-            if not self._events[task_id]:
-                del self._events[task_id]
+            self._checker = None
 
-    def _wake(self, task_id: uuid.UUID) -> None:
-        for event in self._events.get(task_id, ()):
-            event.set()
-
-    def _on_notify(self, payload: str) -> None:
-        with contextlib.suppress(ValueError):
-            self._wake(uuid.UUID(payload))
-
-    def _wake_all(self) -> None:
-        # Anything that finished while nobody listened is re-read by its waiter.
-        for task_id in list(self._events):
-            self._wake(task_id)
-
-    async def _listen_forever(self) -> None:
-        await listen_forever(self._dsn, CHANNEL, self._on_notify, self._wake_all)
+    async def _final_among(self, task_ids: list[uuid.UUID]) -> Sequence[uuid.UUID]:
+        # One statement text whatever the number of ids (asyncpg caches prepared statements).
+        ids = bindparam("task_ids", task_ids, type_=ARRAY(Uuid()))
+        query = select(Task.id).where(Task.id == any_(ids), Task.status.in_(_FINAL))
+        async with self._sessions() as session:
+            return (await session.scalars(query)).all()
