@@ -23,7 +23,7 @@ import asyncpg
 import orjson
 import uvloop
 
-from bench import connections, fleet, intake, raw, roundtrip, scale
+from bench import connections, fleet, intake, plans, raw, roundtrip, scale
 from bench.env import ROOT, Stack, fresh_database, running_app, start_services
 from bench.progress import Progress
 
@@ -84,7 +84,12 @@ async def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
         args.token = _mint_token(stack)
     results["meta"]["bearer_token"] = args.token is not None
     await fresh_database(stack)
-    enrolled = int(max(args.rt_devices, args.connections)) + 1
+    # The sections' simulated devices, and one more: the scale section's probe.
+    simulated = [
+        int(args.rt_devices) if "roundtrip" in wanted else 0,
+        int(args.connections) if "connections" in wanted else 0,
+    ]
+    enrolled = max(simulated) + 1
     progress.say("setup", f"enrolling {enrolled} devices (rows, certificates, broker users)")
     devices = await fleet.enrol(settings, stack.dsn, FLEET_PREFIX, enrolled, stack.run_dir / "bench-devices")
     probe = devices.ids()[-1]
@@ -150,11 +155,15 @@ async def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
             )
         if "scale" in wanted:
             progress.say("scale", f"bulk load: {int(args.scale_devices)} devices x {scale.TASKS_PER_DEVICE} tasks")
-            loaded = await scale.load(stack.dsn, int(args.scale_devices), progress)
+            loaded = await scale.load(stack.dsn, int(args.scale_devices), probe, progress)
             progress.say("scale", "tasks/next on the loaded database")
             loaded["next_empty_ms"] = empty
             loaded["next_loaded_ms"] = await scale.pull_latency(settings, devices, probe, int(args.scale_calls))
             loaded["p50_change_pct"] = round((loaded["next_loaded_ms"]["p50"] / empty["p50"] - 1) * 100, 1)
+            progress.say("scale", "EXPLAIN ANALYZE of the hot and periodic queries")
+            loaded["plans"] = await plans.explain(
+                settings.database.url.get_secret_value(), scale.PENDING_DEVICE, scale.IN_PROGRESS_DEVICE, probe
+            )
             results["scale"] = loaded
     results["meta"]["loadavg_end"] = os.getloadavg()
     results["targets"] = _targets(results, args)
@@ -292,6 +301,8 @@ def print_table(results: dict[str, Any]) -> None:
         rows.append(
             ("scale: tasks/next loaded p50/p99", f"{loaded['p50']} / {loaded['p99']} ms ({sc['p50_change_pct']:+}%)")
         )
+        slowest = sorted(sc["plans"].items(), key=lambda item: -item[1]["ms"])[:3]
+        rows.append(("scale: slowest query plans", "; ".join(f"{name} {plan['ms']} ms" for name, plan in slowest)))
     if "connections" in results:
         cn = results["connections"]
         rows.append(
