@@ -25,6 +25,9 @@ from swarm_device.protocol import TaskStatus
 
 Query = Callable[[AsyncSession], Awaitable[object]]
 
+# What `tasks/next` runs for a device with nothing to do.
+PULL = ("in_progress_task (nothing)", "claim_next (nothing pending)")
+
 
 def queries(pending: str, in_progress: str, quiet: str) -> dict[str, Query]:
     """The queries to explain, for devices with a queued task, with one in progress, with only
@@ -38,6 +41,7 @@ def queries(pending: str, in_progress: str, quiet: str) -> dict[str, Query]:
         return await events.events_after(session, await events.last_event_id(session) - 1000, 500)
 
     return {
+        "in_progress_task (nothing)": lambda s: tasks.in_progress_task(s, quiet),
         "claim_next (nothing pending)": lambda s: tasks.claim_next(s, quiet),
         "claim_next (pending)": lambda s: tasks.claim_next(s, pending),
         "in_progress_task": lambda s: tasks.in_progress_task(s, in_progress),

@@ -25,6 +25,8 @@ from swarm_device.protocol import METHOD_TASKS_NEXT
 PREFIX = "bs-"
 TASKS_PER_DEVICE = 10
 LOAD_CHUNK_DEVICES = 10_000
+# The first calls warm the app's caches, its pool and the connection.
+WARM_UP_CALLS = 50
 # Loaded devices whose number gives them a queued task (n % 5 == 0), and a task in progress and a
 # queued one (n % 50 == 0): see _LOAD_TASKS.
 PENDING_DEVICE = f"{PREFIX}5"
@@ -109,11 +111,11 @@ async def pull_latency(settings: Settings, fleet: Fleet, device_id: str, calls: 
     samples: list[float] = []
     async with client:
         await client.ready.wait()
-        for _ in range(calls + 10):
+        for _ in range(calls + WARM_UP_CALLS):
             started = time.perf_counter()
             await client.call(METHOD_TASKS_NEXT)
             samples.append(time.perf_counter() - started)
-    return percentiles_ms(samples[10:])  # the first calls warm caches and the connection
+    return percentiles_ms(samples[WARM_UP_CALLS:])
 
 
 async def _load_tasks(conn: asyncpg.Connection, device_ids: list[str], pending: bool) -> None:
