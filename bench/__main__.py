@@ -85,6 +85,8 @@ async def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
         args.token = _mint_token(stack)
     results["meta"]["bearer_token"] = args.token is not None
     await fresh_database(stack)
+    if purged := await fleet.purge_queues(settings):
+        progress.say("setup", f"purged {purged} messages an earlier run left in the broker's queues")
     # The sections' simulated devices, and one more: the scale section's probe.
     simulated = [
         int(args.rt_devices) if "roundtrip" in wanted else 0,
@@ -323,6 +325,8 @@ def print_table(results: dict[str, Any]) -> None:
         cpu = ", ".join(f"{name} {ms}" for name, ms in cn["cpu_ms_per_connect"].items())
         rows.append(("connections: rate", f"{cn['connect_per_s']}/s ({cn['simulator_processes']} simulator processes)"))
         rows.append(("connections: CPU ms/connect", cpu))
+        backlog = ", ".join(f"{name} {count}" for name, count in cn["app_queue_backlogs"].items()) or "none"
+        rows.append(("connections: app backlog then", f"{cn['ready']:,} said hello; waiting: {backlog}"))
         rows.append(
             (
                 "connections: memory/device",

@@ -15,6 +15,7 @@ import asyncio
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -27,6 +28,23 @@ from bench.simulator import simulating
 PLATEAU_S = 20.0
 # Seconds between two points of the connected-count curve kept in the results.
 CURVE_STEP_S = 5.0
+
+
+async def queue_backlogs(settings: Settings) -> dict[str, int]:
+    """Messages waiting in the app's own queues (`swarm.*`): the device requests and presence
+    events the app has not worked off yet."""
+    broker = settings.broker
+    auth = (broker.management_user, broker.management_password.get_secret_value())
+    async with httpx.AsyncClient(base_url=broker.management_url, auth=auth, timeout=30) as client:
+        response = await client.get(
+            f"/api/queues/{quote(broker.devices_vhost, safe='')}", params={"columns": "name,messages"}
+        )
+        response.raise_for_status()
+        return {
+            q["name"]: int(q["messages"])
+            for q in response.json()
+            if q["name"].startswith("swarm.") and q.get("messages")
+        }
 
 
 async def broker_memory(settings: Settings) -> int:
@@ -95,6 +113,8 @@ async def run(
                 await asyncio.sleep(0.5)
             connect_s = time.monotonic() - started
             cpu_used = cpu.used()
+            connected_at_end = simulator.connected
+            backlogs = await queue_backlogs(settings)
             lowest = simulator.connected
             hold_until = time.monotonic() + hold_s
             while time.monotonic() < hold_until:
@@ -114,7 +134,10 @@ async def run(
         "connect_s": round(connect_s, 1),
         "connect_per_s": round(ready / connect_s, 1),
         "curve_s_connected_ready": curve,
-        "cpu_ms_per_connect": {name: round(used * 1000 / max(ready, 1), 2) for name, used in cpu_used.items()},
+        "cpu_ms_per_connect": {
+            name: round(used * 1000 / max(connected_at_end, 1), 2) for name, used in cpu_used.items()
+        },
+        "app_queue_backlogs": backlogs,
         "hold_s": hold_s,
         "broker_bytes_per_device": (broker_after - broker_before) // connected,
         "app_bytes_per_device": max(0, app_after - app_before) // connected,
