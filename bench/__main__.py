@@ -325,8 +325,14 @@ def print_table(results: dict[str, Any]) -> None:
         cpu = ", ".join(f"{name} {ms}" for name, ms in cn["cpu_ms_per_connect"].items())
         rows.append(("connections: rate", f"{cn['connect_per_s']}/s ({cn['simulator_processes']} simulator processes)"))
         rows.append(("connections: CPU ms/connect", cpu))
-        backlog = ", ".join(f"{name} {count}" for name, count in cn["app_queue_backlogs"].items()) or "none"
-        rows.append(("connections: app backlog then", f"{cn['ready']:,} said hello; waiting: {backlog}"))
+        backlogs = cn["app_queue_backlogs"]
+        backlog = "unknown" if backlogs is None else ", ".join(f"{n} {c}" for n, c in backlogs.items()) or "none"
+        rows.append(
+            (
+                "connections: app backlog then",
+                f"{cn['ready']:,} said hello; {cn['connect_failures']:,} failed connects; waiting: {backlog}",
+            )
+        )
         rows.append(
             (
                 "connections: memory/device",

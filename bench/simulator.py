@@ -14,7 +14,7 @@ from app.settings import Settings
 from bench.env import ROOT, python_command
 from bench.fleet import Fleet
 
-_STATUS = re.compile(rb"connected (\d+) ready (\d+)")
+_STATUS = re.compile(rb"connected (\d+) ready (\d+).* failures (\d+)")
 
 
 class Simulator:
@@ -23,7 +23,7 @@ class Simulator:
 
     def __init__(self, processes: list[asyncio.subprocess.Process]) -> None:
         self.processes = processes
-        self._counts = [(0, 0)] * len(processes)
+        self._counts = [(0, 0, 0)] * len(processes)
         self._readers = [asyncio.create_task(self._read(i)) for i in range(len(processes))]
 
     @property
@@ -32,11 +32,16 @@ class Simulator:
 
     @property
     def connected(self) -> int:
-        return sum(connected for connected, _ in self._counts)
+        return sum(counts[0] for counts in self._counts)
 
     @property
     def ready(self) -> int:
-        return sum(ready for _, ready in self._counts)
+        return sum(counts[1] for counts in self._counts)
+
+    @property
+    def connect_failures(self) -> int:
+        """Connection attempts that did not get as far as subscribing (refused, timed out)."""
+        return sum(counts[2] for counts in self._counts)
 
     def check_running(self) -> None:
         if any(process.returncode is not None for process in self.processes):
@@ -47,7 +52,7 @@ class Simulator:
         assert stdout is not None
         async for line in stdout:
             if match := _STATUS.search(line):
-                self._counts[index] = (int(match[1]), int(match[2]))
+                self._counts[index] = (int(match[1]), int(match[2]), int(match[3]))
 
     async def stop(self) -> None:
         await asyncio.gather(*(_stop(process) for process in self.processes))
