@@ -170,8 +170,7 @@ class DeviceRpcRouter:
 
     async def _handle_logged(self, message: RabbitMessage, handler: Handler[P], params_model: type[P]) -> None:
         try:
-            async with self._slots:
-                await self._handle(message, handler, params_model)
+            await self._handle(message, handler, params_model)
         except Exception:
             # Only the reply publish or the ack can fail here (broker gone): the message stays
             # unacknowledged and comes back when the channel is re-established.
@@ -185,7 +184,8 @@ class DeviceRpcRouter:
         try:
             request_id, params = parse_request(message.body, params_model)
             request = DeviceRequest(device_id, request_id, params, {k: str(v) for k, v in message.path.items()})
-            result = await self._call_until_infrastructure_answers(handler, request)
+            async with self._slots:
+                result = await self._call_until_infrastructure_answers(handler, request)
             reply = encode_reply(request_id, result=result)
         except RequestRejected as exc:
             reply = encode_reply(exc.request_id, error=(ErrorCode.INVALID, str(exc)))

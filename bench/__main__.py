@@ -23,7 +23,7 @@ import asyncpg
 import orjson
 import uvloop
 
-from bench import connections, fleet, intake, raw, roundtrip, scale
+from bench import connections, fleet, intake, plans, raw, roundtrip, scale
 from bench.env import ROOT, Stack, fresh_database, running_app, start_services
 from bench.progress import Progress
 
@@ -41,10 +41,11 @@ DEFAULTS: dict[str, tuple[float, float]] = {
     "rt_rate": (1000, 50),
     "rt_seconds": (20, 3),
     "scale_devices": (100_000, 1000),
-    "scale_calls": (300, 30),
+    "scale_calls": (1000, 30),
     "connections": (10_000, 50),
     "connect_rate": (250, 100),
     "hold_seconds": (20, 2),
+    "sim_processes": (2, 1),
 }
 
 
@@ -84,7 +85,14 @@ async def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
         args.token = _mint_token(stack)
     results["meta"]["bearer_token"] = args.token is not None
     await fresh_database(stack)
-    enrolled = int(max(args.rt_devices, args.connections)) + 1
+    if purged := await fleet.purge_queues(settings):
+        progress.say("setup", f"purged {purged} messages an earlier run left in the broker's queues")
+    # The sections' simulated devices, and one more: the scale section's probe.
+    simulated = [
+        int(args.rt_devices) if "roundtrip" in wanted else 0,
+        int(args.connections) if "connections" in wanted else 0,
+    ]
+    enrolled = max(simulated) + 1
     progress.say("setup", f"enrolling {enrolled} devices (rows, certificates, broker users)")
     devices = await fleet.enrol(settings, stack.dsn, FLEET_PREFIX, enrolled, stack.run_dir / "bench-devices")
     probe = devices.ids()[-1]
@@ -103,8 +111,9 @@ async def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     async with running_app(stack, args.workers, logs["app"]) as app:
         results["meta"]["app_pids"] = app.pids()
         if "scale" in wanted:
-            progress.say("scale", "tasks/next on the empty database")
+            progress.say("scale", "tasks/next on the empty database, and the plans of the hot queries")
             empty = await scale.pull_latency(settings, devices, probe, int(args.scale_calls))
+            empty_plans = await _plans(stack, probe)
         if "intake" in wanted:
             results["intake"] = await intake.run(
                 stack.app_port,
@@ -150,26 +159,35 @@ async def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
             )
         if "connections" in wanted:
             results["connections"] = await connections.run(
-                settings,
+                stack,
                 devices,
                 target=int(args.connections),
                 connect_rate=args.connect_rate,
                 hold_s=args.hold_seconds,
+                processes=int(args.sim_processes),
                 app_pids=app.pids(),
                 log_file=logs["simulator"],
                 progress=progress,
             )
         if "scale" in wanted:
             progress.say("scale", f"bulk load: {int(args.scale_devices)} devices x {scale.TASKS_PER_DEVICE} tasks")
-            loaded = await scale.load(stack.dsn, int(args.scale_devices), progress)
+            loaded = await scale.load(stack.dsn, int(args.scale_devices), probe, progress)
             progress.say("scale", "tasks/next on the loaded database")
             loaded["next_empty_ms"] = empty
             loaded["next_loaded_ms"] = await scale.pull_latency(settings, devices, probe, int(args.scale_calls))
             loaded["p50_change_pct"] = round((loaded["next_loaded_ms"]["p50"] / empty["p50"] - 1) * 100, 1)
+            progress.say("scale", "EXPLAIN ANALYZE of the hot and periodic queries")
+            loaded["plans_empty"] = empty_plans
+            loaded["plans"] = await _plans(stack, probe)
             results["scale"] = loaded
     results["meta"]["loadavg_end"] = os.getloadavg()
     results["targets"] = _targets(results, args)
     return results
+
+
+async def _plans(stack: Stack, probe: str) -> dict[str, dict[str, Any]]:
+    url = stack.settings.database.url.get_secret_value()
+    return await plans.explain(url, scale.PENDING_DEVICE, scale.IN_PROGRESS_DEVICE, probe)
 
 
 def _mint_token(stack: Stack) -> str | None:
@@ -310,12 +328,27 @@ def print_table(results: dict[str, Any]) -> None:
         rows.append(
             ("scale: tasks/next loaded p50/p99", f"{loaded['p50']} / {loaded['p99']} ms ({sc['p50_change_pct']:+}%)")
         )
+        pull = [sum(sc[key][name]["ms"] for name in plans.PULL) for key in ("plans_empty", "plans")]
+        rows.append(("scale: tasks/next in the database", f"{pull[0]:.2f} ms empty, {pull[1]:.2f} ms loaded"))
+        slowest = sorted(sc["plans"].items(), key=lambda item: -item[1]["ms"])[:3]
+        rows.append(("scale: slowest query plans", "; ".join(f"{name} {plan['ms']} ms" for name, plan in slowest)))
     if "connections" in results:
         cn = results["connections"]
         rows.append(
             (
                 "connections: stayed connected",
                 f"{cn['stayed_connected']:,} of {cn['target']:,} (connect {cn['connect_s']} s)",
+            )
+        )
+        cpu = ", ".join(f"{name} {ms}" for name, ms in cn["cpu_ms_per_connect"].items())
+        rows.append(("connections: rate", f"{cn['connect_per_s']}/s ({cn['simulator_processes']} simulator processes)"))
+        rows.append(("connections: CPU ms/connect", cpu))
+        backlogs = cn["app_queue_backlogs"]
+        backlog = "unknown" if backlogs is None else ", ".join(f"{n} {c}" for n, c in backlogs.items()) or "none"
+        rows.append(
+            (
+                "connections: app backlog then",
+                f"{cn['ready']:,} said hello; {cn['connect_failures']:,} failed connects; waiting: {backlog}",
             )
         )
         rows.append(

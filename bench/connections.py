@@ -3,7 +3,10 @@
 The simulator connects `target` devices at `connect_rate` per second; once all are up (or none
 joined for a while) the fleet is held and the lowest connected count seen is what "stayed".
 Memory per device is the growth of the broker node (`mem_used` from the management API), of the
-app processes and of the simulator process (RSS), divided by the devices connected.
+app processes and of the simulator processes (RSS), divided by the devices connected. CPU per
+connect is each component's CPU time while the fleet connected (and said hello), divided by the
+devices connected: on a shared box it tells which component runs out first, where the connect
+rate alone does not.
 """
 
 from __future__ import annotations
@@ -12,60 +15,107 @@ import asyncio
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
 from app.settings import Settings
-from bench.env import rss_bytes
+from bench.env import Stack, cpu_seconds, rss_bytes
 from bench.fleet import Fleet
 from bench.progress import Progress
 from bench.simulator import simulating
 
 PLATEAU_S = 20.0
+# Seconds between two points of the connected-count curve kept in the results.
+CURVE_STEP_S = 5.0
+# A node holding thousands of MQTT connections answers its management API slowly.
+MANAGEMENT_TIMEOUT_S = 120.0
+
+
+async def queue_backlogs(settings: Settings) -> dict[str, int] | None:
+    """Messages waiting in the app's own queues (`swarm.*`): the device requests and presence
+    events the app has not worked off yet. None when the management API does not answer in
+    time (it lists every device's session queue too, and is slow on a busy node)."""
+    broker = settings.broker
+    auth = (broker.management_user, broker.management_password.get_secret_value())
+    params = {"columns": "name,messages", "name": r"^swarm\.", "use_regex": "true", "page": "1", "page_size": "100"}
+    try:
+        async with httpx.AsyncClient(base_url=broker.management_url, auth=auth, timeout=MANAGEMENT_TIMEOUT_S) as client:
+            response = await client.get(f"/api/queues/{quote(broker.devices_vhost, safe='')}", params=params)
+            response.raise_for_status()
+    except httpx.HTTPError:
+        return None
+    return {q["name"]: int(q["messages"]) for q in response.json()["items"] if q.get("messages")}
 
 
 async def broker_memory(settings: Settings) -> int:
     broker = settings.broker
     auth = (broker.management_user, broker.management_password.get_secret_value())
-    async with httpx.AsyncClient(base_url=broker.management_url, auth=auth, timeout=30) as client:
+    async with httpx.AsyncClient(base_url=broker.management_url, auth=auth, timeout=MANAGEMENT_TIMEOUT_S) as client:
         response = await client.get("/api/nodes", params={"columns": "name,mem_used"})
         response.raise_for_status()
         return int(response.json()[0]["mem_used"])
 
 
+class CpuMeter:
+    """CPU seconds of the stack's components since `start()`."""
+
+    def __init__(self, stack: Stack, app_pids: list[int], simulator_pids: list[int]) -> None:
+        broker = stack.broker_pid()
+        self._groups = {
+            "broker": ([broker] if broker else [], False),
+            "app": (app_pids, False),
+            "postgres": (stack.postgres_pids(), True),
+            "simulator": (simulator_pids, False),
+        }
+        self._start = self._now()
+
+    def _now(self) -> dict[str, float]:
+        return {name: cpu_seconds(pids, with_children=kids) for name, (pids, kids) in self._groups.items()}
+
+    def used(self) -> dict[str, float]:
+        now = self._now()
+        return {name: now[name] - self._start[name] for name in now}
+
+
 async def run(
-    settings: Settings,
+    stack: Stack,
     fleet: Fleet,
     *,
     target: int,
     connect_rate: float,
     hold_s: float,
+    processes: int,
     app_pids: list[int],
     log_file: Path,
     progress: Progress,
 ) -> dict[str, Any]:
+    settings = stack.settings
     broker_before = await broker_memory(settings)
     app_before = rss_bytes(app_pids)
-    async with simulating(settings, fleet, target, connect_rate, log_file) as simulator:
-        sim_pid = [simulator.process.pid]
+    async with simulating(settings, fleet, target, connect_rate, log_file, processes=processes) as simulator:
         await asyncio.sleep(1.0)
-        sim_before = rss_bytes(sim_pid)
+        sim_before = rss_bytes(simulator.pids)
+        cpu = CpuMeter(stack, app_pids, simulator.pids)
         started = time.monotonic()
         best, best_at = 0, started
-        async with progress.ticking("connections", lambda: f"{simulator.connected} of {target} connected"):
+        curve: list[tuple[float, int, int]] = []
+        status = lambda: f"{simulator.connected} of {target} connected, {simulator.ready} said hello"  # noqa: E731
+        async with progress.ticking("connections", status):
             # Give up at a plateau, or when connecting takes three times what the rate allows.
             give_up_at = started + 3 * target / connect_rate + PLATEAU_S
-            while (
-                simulator.connected < target
-                and time.monotonic() - best_at < PLATEAU_S
-                and time.monotonic() < give_up_at
-            ):
-                if simulator.process.returncode is not None:
-                    raise RuntimeError("the simulator exited")
-                if simulator.connected > best:
-                    best, best_at = simulator.connected, time.monotonic()
+            while simulator.ready < target and time.monotonic() - best_at < PLATEAU_S and time.monotonic() < give_up_at:
+                simulator.check_running()
+                if simulator.ready > best:
+                    best, best_at = simulator.ready, time.monotonic()
+                elapsed = time.monotonic() - started
+                if not curve or elapsed - curve[-1][0] >= CURVE_STEP_S:
+                    curve.append((round(elapsed, 1), simulator.connected, simulator.ready))
                 await asyncio.sleep(0.5)
             connect_s = time.monotonic() - started
+            cpu_used = cpu.used()
+            connected_at_end = simulator.connected
+            backlogs = await queue_backlogs(settings)
             lowest = simulator.connected
             hold_until = time.monotonic() + hold_s
             while time.monotonic() < hold_until:
@@ -74,12 +124,22 @@ async def run(
         connected = max(lowest, 1)
         broker_after = await broker_memory(settings)
         app_after = rss_bytes(app_pids)
-        sim_after = rss_bytes(sim_pid)
+        sim_after = rss_bytes(simulator.pids)
+        ready = simulator.ready
     return {
         "target": target,
+        "simulator_processes": processes,
         "connected": simulator.connected,
+        "ready": ready,
+        "connect_failures": simulator.connect_failures,
         "stayed_connected": lowest,
         "connect_s": round(connect_s, 1),
+        "connect_per_s": round(ready / connect_s, 1),
+        "curve_s_connected_ready": curve,
+        "cpu_ms_per_connect": {
+            name: round(used * 1000 / max(connected_at_end, 1), 2) for name, used in cpu_used.items()
+        },
+        "app_queue_backlogs": backlogs,
         "hold_s": hold_s,
         "broker_bytes_per_device": (broker_after - broker_before) // connected,
         "app_bytes_per_device": max(0, app_after - app_before) // connected,

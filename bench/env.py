@@ -48,6 +48,19 @@ class Stack:
         url = make_url(stack_url).set(database=BENCH_DATABASE).render_as_string(hide_password=False)
         return Settings(_env_file=self.run_dir / "app.env", database={"url": url})
 
+    def broker_pid(self) -> int | None:
+        """The stack's RabbitMQ node (its pid file, written by scripts/stack.sh)."""
+        with contextlib.suppress(OSError, ValueError):
+            return int((self.run_dir / "rabbitmq" / "node.pid").read_text())
+        return None
+
+    def postgres_pids(self) -> list[int]:
+        """The stack's postmaster and its live back-ends."""
+        with contextlib.suppress(OSError, ValueError):
+            postmaster = int((self.run_dir / "pg" / "data" / "postmaster.pid").read_text().split()[0])
+            return [postmaster, *child_pids(postmaster)]
+        return []
+
     @property
     def dsn(self) -> str:
         """asyncpg DSN of the benchmark database."""
@@ -180,6 +193,23 @@ def rss_bytes(pids: list[int]) -> int:
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1]) * 1024
     return total
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int], *, with_children: bool = False) -> float:
+    """CPU time (user + system) used so far by these processes, from /proc; `with_children` adds
+    that of their children that have ended (PostgreSQL's back-ends come and go)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            # The fields after the command name, which is in parentheses and may hold spaces.
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])
+            if with_children:
+                total += int(fields[13]) + int(fields[14])
+    return total / _CLOCK_TICKS
 
 
 def python_command(*module_and_args: str) -> list[str]:

@@ -12,11 +12,14 @@ import asyncio
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import asyncpg
 import httpx
+from faststream.rabbit import RabbitQueue
 
 from app import pki
+from app.broker import create_broker
 from app.devices.broker_admin import device_permissions, device_topic_permissions
 from app.settings import Settings
 
@@ -75,6 +78,32 @@ async def provision_broker_users(settings: Settings, device_ids: list[str]) -> N
     async with httpx.AsyncClient(base_url=broker.management_url, auth=auth, timeout=300) as client:
         response = await client.post("/api/definitions", json=definitions)
         response.raise_for_status()
+
+
+async def purge_queues(settings: Settings) -> int:
+    """Empty every queue of the devices vhost: what an earlier run left there (hellos, presence
+    events, replies) refers to a database that was just re-created, and would be worked off
+    during this run's measurements. Returns the messages dropped. The management user may list
+    the queues but not read them; the core's own AMQP connection purges them."""
+    broker = settings.broker
+    vhost = quote(broker.devices_vhost, safe="")
+    auth = (broker.management_user, broker.management_password.get_secret_value())
+    async with httpx.AsyncClient(base_url=broker.management_url, auth=auth, timeout=60) as client:
+        response = await client.get(f"/api/queues/{vhost}", params={"columns": "name,messages"})
+        response.raise_for_status()
+        stale = [queue["name"] for queue in response.json() if queue.get("messages")]
+    if not stale:
+        return 0
+    core = create_broker(broker)
+    await core.connect()
+    purged = 0
+    try:
+        for name in stale:
+            queue = await core.declare_queue(RabbitQueue(name, declare=False))
+            purged += (await queue.purge()).message_count or 0
+    finally:
+        await core.stop()
+    return purged
 
 
 async def enrol(settings: Settings, dsn: str, prefix: str, count: int, cert_dir: Path) -> Fleet:

@@ -32,8 +32,7 @@ async def wait_ready(simulator: Simulator, count: int, timeout_s: float, section
         while simulator.ready < count:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"only {simulator.ready} of {count} simulated devices became ready")
-            if simulator.process.returncode is not None:
-                raise RuntimeError("the simulator exited")
+            simulator.check_running()
             await asyncio.sleep(0.2)
 
 

@@ -1,4 +1,5 @@
-"""The SDK's simulator (`swarm_device.simulator`, asyncio, one process) as a child of the harness."""
+"""The SDK's simulator (`swarm_device.simulator`, asyncio) as children of the harness: one process,
+or several that split the fleet when one core cannot drive all of its TLS connections."""
 
 from __future__ import annotations
 
@@ -13,59 +14,98 @@ from app.settings import Settings
 from bench.env import ROOT, python_command
 from bench.fleet import Fleet
 
-_STATUS = re.compile(rb"connected (\d+) ready (\d+)")
+_STATUS = re.compile(rb"connected (\d+) ready (\d+).* failures (\d+)")
 
 
 class Simulator:
-    """Counts from the simulator's own status lines: devices connected (subscribed) and ready (hello answered)."""
+    """Counts from the simulators' own status lines: devices connected (subscribed) and ready
+    (hello answered), summed over the processes."""
 
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
-        self.process = process
-        self.connected = 0
-        self.ready = 0
-        self._reader = asyncio.create_task(self._read())
+    def __init__(self, processes: list[asyncio.subprocess.Process]) -> None:
+        self.processes = processes
+        self._counts = [(0, 0, 0)] * len(processes)
+        self._readers = [asyncio.create_task(self._read(i)) for i in range(len(processes))]
 
-    async def _read(self) -> None:
-        assert self.process.stdout is not None
-        async for line in self.process.stdout:
+    @property
+    def pids(self) -> list[int]:
+        return [process.pid for process in self.processes]
+
+    @property
+    def connected(self) -> int:
+        return sum(counts[0] for counts in self._counts)
+
+    @property
+    def ready(self) -> int:
+        return sum(counts[1] for counts in self._counts)
+
+    @property
+    def connect_failures(self) -> int:
+        """Connection attempts that did not get as far as subscribing (refused, timed out)."""
+        return sum(counts[2] for counts in self._counts)
+
+    def check_running(self) -> None:
+        if any(process.returncode is not None for process in self.processes):
+            raise RuntimeError("a simulator process exited")
+
+    async def _read(self, index: int) -> None:
+        stdout = self.processes[index].stdout
+        assert stdout is not None
+        async for line in stdout:
             if match := _STATUS.search(line):
-                self.connected, self.ready = int(match[1]), int(match[2])
+                self._counts[index] = (int(match[1]), int(match[2]), int(match[3]))
 
     async def stop(self) -> None:
-        if self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.process.wait(), 60)
-            except TimeoutError:
-                self.process.kill()
-                await self.process.wait()
-        self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
+        await asyncio.gather(*(_stop(process) for process in self.processes))
+        for reader in self._readers:
+            reader.cancel()
+        await asyncio.gather(*self._readers, return_exceptions=True)
+
+
+async def _stop(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), 60)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
 
 
 @contextlib.asynccontextmanager
 async def simulating(
-    settings: Settings, fleet: Fleet, count: int, connect_rate: float, log_file: Path
+    settings: Settings, fleet: Fleet, count: int, connect_rate: float, log_file: Path, *, processes: int = 1
 ) -> AsyncIterator[Simulator]:
-    """Devices `<prefix>1..<prefix><count>` of the fleet running `echo` tasks until the block ends."""
-    args = python_command(
-        "swarm_device.simulator",
-        f"--host={settings.broker.mqtt_host}",
-        f"--port={settings.broker.mqtt_port}",
-        f"--ca={settings.pki.ca_cert_file}",
-        f"--cert-dir={fleet.cert_dir}",
-        f"--count={count}",
-        f"--prefix={fleet.prefix}",
-        f"--connect-rate={connect_rate}",
-        "--protocol=3.1.1",
-        "--status-interval=1",
-    )
-    with log_file.open("ab") as log:
-        process = await asyncio.create_subprocess_exec(
-            *args, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=log, start_new_session=True
-        )
-    simulator = Simulator(process)
+    """Devices `<prefix>1..<prefix><count>` of the fleet running `echo` tasks until the block ends,
+    split over `processes` simulator processes that share the connect rate."""
+    processes = max(1, min(processes, count))
+    started: list[asyncio.subprocess.Process] = []
+    try:
+        with log_file.open("ab") as log:
+            for index in range(processes):
+                first = 1 + count * index // processes
+                last = count * (index + 1) // processes
+                args = python_command(
+                    "swarm_device.simulator",
+                    f"--host={settings.broker.mqtt_host}",
+                    f"--port={settings.broker.mqtt_port}",
+                    f"--ca={settings.pki.ca_cert_file}",
+                    f"--cert-dir={fleet.cert_dir}",
+                    f"--start={first}",
+                    f"--count={last - first + 1}",
+                    f"--prefix={fleet.prefix}",
+                    f"--connect-rate={connect_rate / processes}",
+                    "--protocol=3.1.1",
+                    "--status-interval=1",
+                )
+                started.append(
+                    await asyncio.create_subprocess_exec(
+                        *args, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=log, start_new_session=True
+                    )
+                )
+        simulator = Simulator(started)
+    except BaseException:
+        await asyncio.gather(*(_stop(process) for process in started))
+        raise
     try:
         yield simulator
     finally:

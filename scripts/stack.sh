@@ -61,6 +61,9 @@ RMQ_DIR="$RUN/rabbitmq"
 RMQ_NODE="swarm-$STACK@localhost"
 RMQ_PIDFILE="$RMQ_DIR/node.pid"
 VHOST=devices
+# Open files of the RabbitMQ node: one socket per connected device, and the node keeps ~10% of
+# the limit for files. The shell's default here (20,000) caps the node near 18,000 sockets.
+RMQ_NOFILE=100000
 ADMIN_USER=swarm-admin
 CORE_USER=swarm-core
 
@@ -352,6 +355,7 @@ rmq_start() {
     launcher="$(
         rmq_env
         cd "$RMQ_DIR"
+        ulimit -n "$RMQ_NOFILE" 2>/dev/null || ulimit -n "$(ulimit -Hn)"
         setsid rabbitmq-server >>"$RMQ_DIR/log/console.log" 2>&1 </dev/null 9>&- &
         echo $!
     )"

@@ -20,6 +20,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=5.0,
         help="seconds between status lines",
     )
+    parser.add_argument(
+        "--connect-threads",
+        type=int,
+        default=32,
+        help="threads for blocking TLS connects (aiomqtt runs connect() in the default executor)",
+    )
     parser.add_argument("--request-timeout", type=float, default=10.0, help="first RPC reply timeout")
     parser.add_argument(
         "--no-verify-hostname",
@@ -108,6 +115,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--count must be >= 1")
     if not 0 <= args.fail_rate <= 1:
         parser.error("--fail-rate must be within [0, 1]")
+    if args.connect_threads < 1:
+        parser.error("--connect-threads must be >= 1")
     if args.connect_rate < 0 or args.work_ms < 0:
         parser.error("--connect-rate and --work-ms must not be negative")
     return args
@@ -285,6 +294,9 @@ async def simulate(args: argparse.Namespace) -> DeviceStats:
         raise SystemExit(f"missing certificate files: {', '.join(map(str, missing[:5]))}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # asyncio's default executor has min(32, cores + 4) threads: on a small box six handshakes at
+    # a time, and a broker that takes seconds to finish each one then caps the connect rate.
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=args.connect_threads, thread_name_prefix="connect"))
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     if args.duration is not None:

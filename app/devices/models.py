@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ForeignKey, String, text
+from sqlalchemy import ForeignKey, Index, String, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -12,6 +12,10 @@ from app.db import Base, Timestamped
 
 class Device(Timestamped, Base):
     __tablename__ = "devices"
+    # The periodic config publisher looks for due devices only.
+    __table_args__ = (
+        Index("ix_devices_config_due", "config_due_at", postgresql_where=text("config_due_at IS NOT NULL")),
+    )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     firmware: Mapped[str | None] = mapped_column(String(128))

@@ -41,7 +41,10 @@ class Task(Timestamped, Base):
             postgresql_where=text("status IN ('queued', 'sent') AND expires_at IS NOT NULL"),
         ),
         Index("ix_tasks_notice_due", "notice_due_at", postgresql_where=text("notice_due_at IS NOT NULL")),
+        # Listings newest first: all tasks, a device's tasks, tasks in a status.
         Index("ix_tasks_created", "created_at", "id"),
+        Index("ix_tasks_device_created", "device_id", "created_at", "id"),
+        Index("ix_tasks_status_created", "status", "created_at", "id"),
         Index("ix_tasks_batch", "batch_id", postgresql_where=text("batch_id IS NOT NULL")),
         Index(
             "uq_tasks_idempotency",
