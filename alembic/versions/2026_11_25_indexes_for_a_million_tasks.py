@@ -7,7 +7,7 @@ listing by a rare status read the whole `ix_tasks_created` (220 ms for none), an
 few pages (< 0.1 ms).
 
 Revision ID: 7a0c0e1d2b02
-Revises: 0fe196a2d66f
+Revises: 7a0c0e1d2b01
 Create Date: 2026-11-25 18:30:00.000000
 """
 
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "7a0c0e1d2b02"
-down_revision: str | None = "0fe196a2d66f"
+down_revision: str | None = "7a0c0e1d2b01"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
