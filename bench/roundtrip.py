@@ -3,11 +3,18 @@
 Open loop: a task is POSTed every 1/rate seconds whatever the answers do, spread over the devices.
 Latency is from just before the POST (harness clock) to the task's `finished_at` (the app's clock;
 the same machine), i.e. POST, commit, notice, `tasks/next`, execution, result, commit.
+
+CPU per task: the CPU time each part of the system used from the first POST until the last task
+was final, divided by the tasks done. On a shared, busy machine latency says more about the
+neighbours than about the code; CPU per task does not, and 2 cores / (sum of CPU per task) is the
+rate this box could carry if nothing else ran on it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import time
 import uuid
 from pathlib import Path
@@ -17,6 +24,7 @@ import asyncpg
 import orjson
 
 from app.settings import Settings
+from bench.env import child_pids
 from bench.fleet import Fleet
 from bench.http import HttpConnection
 from bench.progress import Progress, percentiles_ms
@@ -37,11 +45,55 @@ async def wait_ready(simulator: Simulator, count: int, timeout_s: float, section
             await asyncio.sleep(0.2)
 
 
+def _cpu_seconds(pid: int, *, with_reaped_children: bool = False) -> float:
+    """utime + stime of a process (and of its children that already exited, if asked), from /proc."""
+    with contextlib.suppress(OSError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = int(fields[11]) + int(fields[12])
+        if with_reaped_children:
+            ticks += int(fields[13]) + int(fields[14])
+        return ticks / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
+class CpuMeter:
+    """CPU seconds of the parts of the system: app, broker, database, simulator, this harness."""
+
+    def __init__(self, run_dir: Path, app_pids: list[int], simulator_pid: int) -> None:
+        self._app = app_pids
+        self._simulator = simulator_pid
+        self._broker = int((run_dir / "rabbitmq" / "node.pid").read_text().split()[0])
+        self._postgres = int((run_dir / "pg" / "data" / "postmaster.pid").read_text().split()[0])
+
+    def read(self) -> dict[str, float]:
+        return {
+            "app": sum(_cpu_seconds(pid) for pid in self._app),
+            "broker": _cpu_seconds(self._broker),
+            # Back-ends come and go: the postmaster keeps the CPU time of those that exited.
+            "postgres": _cpu_seconds(self._postgres, with_reaped_children=True)
+            + sum(_cpu_seconds(pid) for pid in child_pids(self._postgres)),
+            "simulator": _cpu_seconds(self._simulator),
+            "harness": time.process_time(),
+        }
+
+
+def cpu_report(before: dict[str, float], after: dict[str, float], tasks: int, wall_s: float) -> dict[str, Any]:
+    used = {part: after[part] - before[part] for part in before}
+    return {
+        "wall_s": round(wall_s, 1),
+        "load_average": os.getloadavg()[0],
+        "cores_used": {part: round(seconds / wall_s, 2) for part, seconds in used.items()},
+        "ms_per_task": {part: round(seconds * 1000 / max(tasks, 1), 2) for part, seconds in used.items()},
+    }
+
+
 async def run(
     settings: Settings,
     dsn: str,
     fleet: Fleet,
     *,
+    run_dir: Path,
+    app_pids: list[int],
     app_port: int,
     devices: int,
     rate: float,
@@ -53,8 +105,11 @@ async def run(
     async with simulating(settings, fleet, devices, connect_rate=300, log_file=log_file) as simulator:
         await wait_ready(simulator, devices, devices / 100 + 60, "roundtrip", progress)
         progress.say("roundtrip", f"{devices} devices ready; offering {rate:g} tasks/s for {duration_s:g} s")
+        meter = CpuMeter(run_dir, app_pids, simulator.process.pid)
+        cpu_before, started = meter.read(), time.monotonic()
         sent_at, errors = await _offer(app_port, fleet.ids(devices), rate, duration_s, headers, progress)
         finished = await _finished(dsn, list(sent_at), progress)
+        cpu = cpu_report(cpu_before, meter.read(), len(finished), time.monotonic() - started)
     latencies = [finished[task_id] - sent for task_id, sent in sent_at.items() if task_id in finished]
     return {
         "devices": devices,
@@ -66,6 +121,7 @@ async def run(
         "not_final_after_wait": len(sent_at) - len(latencies),
         "achieved_per_s": round(len(latencies) / duration_s, 1),
         "latency_ms": percentiles_ms(latencies),
+        "cpu": cpu,
     }
 
 
