@@ -149,6 +149,8 @@ async def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
                 settings,
                 stack.dsn,
                 devices,
+                stack=stack,
+                app_pids=app.pids(),
                 app_port=stack.app_port,
                 devices=int(args.rt_devices),
                 rate=args.rt_rate,
@@ -320,6 +322,8 @@ def print_table(results: dict[str, Any]) -> None:
             )
         )
         rows.append(("round trip: p50/p95/p99/max", f"{lat['p50']} / {lat['p95']} / {lat['p99']} / {lat['max']} ms"))
+        per_task = ", ".join(f"{part} {ms}" for part, ms in rt["cpu"]["ms_per_task"].items())
+        rows.append(("round trip: CPU ms per task", f"{per_task} (load average {rt['cpu']['load_average']:.1f})"))
     if "scale" in results:
         sc = results["scale"]
         empty, loaded = sc["next_empty_ms"], sc["next_loaded_ms"]

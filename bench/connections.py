@@ -20,7 +20,7 @@ from urllib.parse import quote
 import httpx
 
 from app.settings import Settings
-from bench.env import Stack, cpu_seconds, rss_bytes
+from bench.env import CpuMeter, Stack, rss_bytes
 from bench.fleet import Fleet
 from bench.progress import Progress
 from bench.simulator import simulating
@@ -55,27 +55,6 @@ async def broker_memory(settings: Settings) -> int:
         response = await client.get("/api/nodes", params={"columns": "name,mem_used"})
         response.raise_for_status()
         return int(response.json()[0]["mem_used"])
-
-
-class CpuMeter:
-    """CPU seconds of the stack's components since `start()`."""
-
-    def __init__(self, stack: Stack, app_pids: list[int], simulator_pids: list[int]) -> None:
-        broker = stack.broker_pid()
-        self._groups = {
-            "broker": ([broker] if broker else [], False),
-            "app": (app_pids, False),
-            "postgres": (stack.postgres_pids(), True),
-            "simulator": (simulator_pids, False),
-        }
-        self._start = self._now()
-
-    def _now(self) -> dict[str, float]:
-        return {name: cpu_seconds(pids, with_children=kids) for name, (pids, kids) in self._groups.items()}
-
-    def used(self) -> dict[str, float]:
-        now = self._now()
-        return {name: now[name] - self._start[name] for name in now}
 
 
 async def run(

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,12 +55,10 @@ class Stack:
             return int((self.run_dir / "rabbitmq" / "node.pid").read_text())
         return None
 
-    def postgres_pids(self) -> list[int]:
-        """The stack's postmaster and its live back-ends."""
+    def postmaster_pid(self) -> int | None:
         with contextlib.suppress(OSError, ValueError):
-            postmaster = int((self.run_dir / "pg" / "data" / "postmaster.pid").read_text().split()[0])
-            return [postmaster, *child_pids(postmaster)]
-        return []
+            return int((self.run_dir / "pg" / "data" / "postmaster.pid").read_text().split()[0])
+        return None
 
     @property
     def dsn(self) -> str:
@@ -214,3 +213,32 @@ def cpu_seconds(pids: list[int], *, with_children: bool = False) -> float:
 
 def python_command(*module_and_args: str) -> list[str]:
     return [sys.executable, "-m", *module_and_args]
+
+
+class CpuMeter:
+    """CPU seconds each part of the system used since the meter was made: broker, app, PostgreSQL,
+    simulator and this harness."""
+
+    def __init__(self, stack: Stack, app_pids: list[int], simulator_pids: list[int]) -> None:
+        self._stack = stack
+        self._app = app_pids
+        self._simulator = simulator_pids
+        self._start = self._now()
+
+    def _now(self) -> dict[str, float]:
+        broker = self._stack.broker_pid()
+        postmaster = self._stack.postmaster_pid()
+        return {
+            "broker": cpu_seconds([broker] if broker else []),
+            "app": cpu_seconds(self._app),
+            # Back-ends come and go: the postmaster keeps the CPU time of those that ended.
+            "postgres": cpu_seconds([postmaster], with_children=True) + cpu_seconds(child_pids(postmaster))
+            if postmaster
+            else 0.0,
+            "simulator": cpu_seconds(self._simulator),
+            "harness": time.process_time(),
+        }
+
+    def used(self) -> dict[str, float]:
+        now = self._now()
+        return {name: now[name] - self._start[name] for name in now}

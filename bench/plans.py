@@ -42,8 +42,8 @@ def queries(pending: str, in_progress: str, quiet: str) -> dict[str, Query]:
 
     return {
         "in_progress_task (nothing)": lambda s: tasks.in_progress_task(s, quiet),
-        "claim_next (nothing pending)": lambda s: tasks.claim_next(s, quiet),
-        "claim_next (pending)": lambda s: tasks.claim_next(s, pending),
+        "current_or_claim (nothing pending)": lambda s: tasks.current_or_claim(s, quiet),
+        "current_or_claim (pending)": lambda s: tasks.current_or_claim(s, pending),
         "in_progress_task": lambda s: tasks.in_progress_task(s, in_progress),
         "lock_pending_of_device": lambda s: tasks.lock_pending_of_device(s, in_progress),
         "notices_due (periodic)": lambda s: tasks.notices_due(s, 30.0, 500),

@@ -3,11 +3,17 @@
 Open loop: a task is POSTed every 1/rate seconds whatever the answers do, spread over the devices.
 Latency is from just before the POST (harness clock) to the task's `finished_at` (the app's clock;
 the same machine), i.e. POST, commit, notice, `tasks/next`, execution, result, commit.
+
+CPU per task: the CPU time each part of the system used from the first POST until the last task
+was final, divided by the tasks done. On a shared, busy machine latency says more about the
+neighbours than about the code; CPU per task does not, and 2 cores / (sum of CPU per task) is the
+rate this box could carry if nothing else ran on it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from pathlib import Path
@@ -17,6 +23,7 @@ import asyncpg
 import orjson
 
 from app.settings import Settings
+from bench.env import CpuMeter, Stack
 from bench.fleet import Fleet
 from bench.http import HttpConnection
 from bench.progress import Progress, percentiles_ms
@@ -36,11 +43,22 @@ async def wait_ready(simulator: Simulator, count: int, timeout_s: float, section
             await asyncio.sleep(0.2)
 
 
+def cpu_report(used: dict[str, float], tasks: int, wall_s: float) -> dict[str, Any]:
+    return {
+        "wall_s": round(wall_s, 1),
+        "load_average": os.getloadavg()[0],
+        "cores_used": {part: round(seconds / wall_s, 2) for part, seconds in used.items()},
+        "ms_per_task": {part: round(seconds * 1000 / max(tasks, 1), 2) for part, seconds in used.items()},
+    }
+
+
 async def run(
     settings: Settings,
     dsn: str,
     fleet: Fleet,
     *,
+    stack: Stack,
+    app_pids: list[int],
     app_port: int,
     devices: int,
     rate: float,
@@ -52,8 +70,10 @@ async def run(
     async with simulating(settings, fleet, devices, connect_rate=300, log_file=log_file) as simulator:
         await wait_ready(simulator, devices, devices / 100 + 60, "roundtrip", progress)
         progress.say("roundtrip", f"{devices} devices ready; offering {rate:g} tasks/s for {duration_s:g} s")
+        meter, started = CpuMeter(stack, app_pids, simulator.pids), time.monotonic()
         sent_at, errors = await _offer(app_port, fleet.ids(devices), rate, duration_s, headers, progress)
         finished = await _finished(dsn, list(sent_at), progress)
+        cpu = cpu_report(meter.used(), len(finished), time.monotonic() - started)
     latencies = [finished[task_id] - sent for task_id, sent in sent_at.items() if task_id in finished]
     return {
         "devices": devices,
@@ -65,6 +85,7 @@ async def run(
         "not_final_after_wait": len(sent_at) - len(latencies),
         "achieved_per_s": round(len(latencies) / duration_s, 1),
         "latency_ms": percentiles_ms(latencies),
+        "cpu": cpu,
     }
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import (
     ARRAY,
+    Boolean,
     ColumnElement,
     String,
     Uuid,
@@ -17,6 +18,7 @@ from sqlalchemy import (
     any_,
     bindparam,
     case,
+    column,
     func,
     insert,
     literal,
@@ -27,6 +29,7 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import metrics
@@ -123,41 +126,105 @@ async def in_progress_task(session: AsyncSession, device_id: str) -> Task | None
     return (await session.execute(stmt)).scalar_one_or_none()
 
 
-async def claim_next(session: AsyncSession, device_id: str) -> Task | None:
-    """Hand out the device's next pending task in one statement: it becomes IN_PROGRESS."""
-    next_id = (
-        select(Task.id)
-        .where(
-            Task.device_id == device_id,
-            Task.status.in_(_PENDING),
-            or_(Task.expires_at.is_(None), Task.expires_at > func.now()),
+# The device's IN_PROGRESS task, else its next pending one handed out now. The claim sees the
+# same snapshot as the lookup and runs only if that found nothing. It waits for a row lock and
+# never skips one (decision 14): the notifier or a job holding the row for a moment must not
+# make the device hear "nothing to do"; a row that changed meanwhile is re-checked and passed
+# over. Built once: composing it per call cost more CPU than the database spends running it.
+_CURRENT_OR_CLAIM = select(Task, column("claimed", Boolean)).from_statement(
+    text(
+        """
+        WITH current AS (
+            SELECT * FROM tasks WHERE device_id = :device_id AND status = :in_progress
+        ), claimed AS (
+            UPDATE tasks
+            SET status = :in_progress, attempt = attempt + 1, version = version + 1, started_at = now(),
+                deadline_at = now() + timeout_s * interval '1 second', status_details = NULL, updated_at = now()
+            WHERE id = (
+                SELECT id FROM tasks
+                WHERE device_id = :device_id AND status = ANY(:pending)
+                  AND (expires_at IS NULL OR expires_at > now())
+                  AND NOT EXISTS (SELECT FROM current)
+                ORDER BY priority DESC, created_at
+                LIMIT 1
+                FOR UPDATE
+            )
+            RETURNING *
         )
-        .order_by(Task.priority.desc(), Task.created_at)
-        .limit(1)
-        # Wait for a lock, never skip: the notifier or a job holding the row for a moment must
-        # not make the device hear "nothing to do". A row that changed meanwhile is re-checked
-        # and passed over; a rival claim for the same device ends on the one-in-progress index.
-        .with_for_update()
-        .scalar_subquery()
+        SELECT *, false AS claimed FROM current
+        UNION ALL
+        SELECT *, true AS claimed FROM claimed
+        """
+    ).bindparams(
+        bindparam("device_id", type_=String),
+        bindparam("in_progress", TaskStatus.IN_PROGRESS.value, type_=String),
+        bindparam("pending", _PENDING, type_=ARRAY(String)),
     )
-    stmt = (
-        update(Task)
-        .where(Task.id == next_id)
-        .values(
-            status=TaskStatus.IN_PROGRESS,
-            attempt=Task.attempt + 1,
-            version=Task.version + 1,
-            started_at=func.now(),
-            deadline_at=func.now() + _seconds(Task.timeout_s),
-            status_details=None,
-            updated_at=func.now(),
-        )
-        .returning(Task)
-        .execution_options(synchronize_session=False)
-    )
-    task = (await session.execute(stmt)).scalar_one_or_none()
-    if task is not None:
+)
+
+
+async def current_or_claim(session: AsyncSession, device_id: str) -> Task | None:
+    """The device's IN_PROGRESS task, else its next pending one handed out now, in ONE statement
+    (one database round trip; committed on its own when the session autocommits).
+
+    The claim sees the same snapshot as the in-progress lookup and runs only if that found none.
+    A rival claim for the same device that commits first ends this one on the one-in-progress
+    index (IntegrityError): the caller then reads the rival's task.
+    """
+    row = (await session.execute(_CURRENT_OR_CLAIM, {"device_id": device_id})).one_or_none()
+    if row is None:
+        return None
+    task, claimed = row
+    if claimed:
         metrics.CREATED_TO_IN_PROGRESS.observe(metrics.seconds_between(task.created_at, task.started_at))
+    return task  # type: ignore[no-any-return]
+
+
+# A report on a task that is in progress, the usual case, as one UPDATE; anything else (not in
+# progress, another device's, a retried report) is explained by the caller's locked path.
+_FINISH_IN_PROGRESS = (
+    update(Task)
+    .where(
+        Task.id == bindparam("of_task"),
+        Task.device_id == bindparam("of_device"),
+        Task.status == TaskStatus.IN_PROGRESS,
+    )
+    .values(
+        status=bindparam("new_status"),
+        result=bindparam("new_result", type_=JSONB(none_as_null=True)),
+        error=bindparam("new_error", type_=JSONB(none_as_null=True)),
+        version=Task.version + 1,
+        finished_at=func.now(),
+        updated_at=func.now(),
+        deadline_at=None,
+        notice_due_at=None,
+    )
+    .returning(Task)
+    .execution_options(synchronize_session=False)
+)
+
+
+async def finish_in_progress(
+    session: AsyncSession,
+    device_id: str,
+    task_id: uuid.UUID,
+    status: TaskStatus,
+    result: dict[str, Any] | None,
+    error: dict[str, Any] | None,
+) -> Task | None:
+    """Make the device's IN_PROGRESS task final; None if it is not in progress (or not its)."""
+    # (An UPDATE's bind parameters may not be named like its columns.)
+    params = {
+        "of_task": task_id,
+        "of_device": device_id,
+        "new_status": status.value,
+        "new_result": result,
+        "new_error": error,
+    }
+    task = (await session.execute(_FINISH_IN_PROGRESS, params)).scalar_one_or_none()
+    if task is not None:
+        elapsed = metrics.seconds_between(task.created_at, task.finished_at)
+        metrics.CREATED_TO_FINAL.labels(status.value).observe(elapsed)
     return task
 
 
