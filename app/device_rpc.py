@@ -33,6 +33,7 @@ from pydantic import BaseModel, ValidationError
 from app import metrics
 from app.broker import AMQ_TOPIC, DEAD_LETTER_EXCHANGE, publish_to_device
 from app.errors import AppError, is_infrastructure_error
+from app.storable_json import NUL_REFUSED, contains_nul
 from swarm_device.protocol import REQUEST_ID_MAX_LENGTH, ErrorCode, Request, reply_topic
 
 log = logging.getLogger(__name__)
@@ -105,22 +106,12 @@ def parse_request(body: bytes, params_model: type[P]) -> tuple[str, P]:
     except ValidationError as exc:
         raise RequestRejected(f"request envelope is invalid: {_first_error(exc)}", _salvage_id(raw)) from None
     # PostgreSQL text and jsonb cannot hold U+0000: refuse it here rather than fail in the database.
-    if b"\\u0000" in body and _contains_nul(envelope.params):
-        raise RequestRejected("strings must not contain U+0000", envelope.id)
+    if b"\\u0000" in body and contains_nul(envelope.params):
+        raise RequestRejected(NUL_REFUSED, envelope.id)
     try:
         return envelope.id, params_model.model_validate(envelope.params)
     except ValidationError as exc:
         raise RequestRejected(f"params are invalid: {_first_error(exc)}", envelope.id) from None
-
-
-def _contains_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_contains_nul(k) or _contains_nul(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_contains_nul(item) for item in value)
-    return False
 
 
 def _first_error(exc: ValidationError) -> str:

@@ -25,8 +25,8 @@ from swarm_device.protocol import TaskStatus
 
 Query = Callable[[AsyncSession], Awaitable[object]]
 
-# What `tasks/next` runs for a device with nothing to do.
-PULL = ("in_progress_task (nothing)", "claim_next (nothing pending)")
+# What `tasks/next` runs for a device with nothing to do: one statement.
+PULL = ("current_or_claim (nothing pending)",)
 
 
 def queries(pending: str, in_progress: str, quiet: str) -> dict[str, Query]:

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response, status
 
@@ -15,6 +15,7 @@ from app.devices.schemas import (
     DevicePage,
     DeviceRead,
 )
+from app.storable_json import StorableObject
 from swarm_device.protocol import DEVICE_ID_PATTERN
 
 router = APIRouter(prefix="/devices", tags=["devices"], dependencies=[requires(Scope.DEVICES_ADMIN)])
@@ -54,7 +55,7 @@ async def revoke_device(device_id: DeviceIdPath, runtime: RuntimeDep) -> DeviceR
 
 
 @router.put("/{device_id}/config")
-async def put_config(device_id: DeviceIdPath, desired: dict[str, Any], runtime: RuntimeDep) -> DeviceConfigRead:
+async def put_config(device_id: DeviceIdPath, desired: StorableObject, runtime: RuntimeDep) -> DeviceConfigRead:
     """Store the desired configuration and publish it retained on `dev/{id}/down/config`."""
     return await config.set_desired(runtime.sessions, runtime.config_publisher, device_id, desired)
 

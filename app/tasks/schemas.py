@@ -6,6 +6,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.storable_json import StorableObject
 from swarm_device.protocol import DEVICE_ID_PATTERN, Task, TaskStatus
 
 # A task is shown the same way to the control center and to the device.
@@ -19,7 +20,7 @@ class TaskCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: str = Field(pattern=METHOD_PATTERN, description="What the device should do, e.g. `reboot`.")
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: StorableObject = Field(default_factory=dict)
     priority: int = Field(default=0, ge=-1000, le=1000, description="Higher runs first.")
     ttl_s: int | None = Field(
         default=None, gt=0, le=30 * 86400, description="Expire if not handed out within this time."

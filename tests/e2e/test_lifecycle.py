@@ -308,3 +308,22 @@ async def test_unknown_tasks_are_problem_json_404(app_client: httpx.AsyncClient)
         assert response.status_code == 404
         assert response.headers["content-type"] == PROBLEM_JSON
         assert response.json()["status"] == 404
+
+
+async def test_a_nul_character_postgresql_cannot_store_is_refused_as_invalid(
+    app_client: httpx.AsyncClient, enrol_device: EnrolDevice
+) -> None:
+    creds = await enrol_device("nul")
+    for path, body in [
+        (f"/devices/{creds.device_id}/tasks", {"method": "echo", "params": {"s": "a\u0000b"}}),
+        (f"/devices/{creds.device_id}/tasks", {"method": "echo", "params": {"nested": [{"\u0000": 1}]}}),
+        ("/tasks/batch", {"method": "echo", "params": {"s": "\u0000"}, "device_ids": [creds.device_id]}),
+    ]:
+        refused = await app_client.post(path, json=body)
+        assert refused.status_code == 422, refused.text
+        assert refused.headers["content-type"] == PROBLEM_JSON
+        assert "U+0000" in refused.text
+    config = await app_client.put(f"/devices/{creds.device_id}/config", json={"name": "x\u0000"})
+    assert config.status_code == 422, config.text
+    listed = await app_client.get("/tasks", params={"device_id": creds.device_id})
+    assert listed.json()["items"] == []
