@@ -41,14 +41,7 @@ def create_engine(settings: DatabaseSettings) -> AsyncEngine:
         connect_args={
             "timeout": settings.timeout_s,
             "command_timeout": settings.timeout_s * 6,
-            "server_settings": {
-                "application_name": "swarm-core",
-                # Plan every statement for its values: a pooled connection lives for days, and a
-                # generic plan it cached while a table was small (a new database) stays a
-                # sequential scan as the table grows, e.g. the foreign-key checks of the audit
-                # trigger (batch intake 2-5k tasks/s with them, 12.8k/s without; decision 21).
-                "plan_cache_mode": "force_custom_plan",
-            },
+            "server_settings": {"application_name": "swarm-core"},
         },
     )
 
