@@ -118,14 +118,19 @@ async def pull_latency(settings: Settings, fleet: Fleet, device_id: str, calls: 
     return percentiles_ms(samples[WARM_UP_CALLS:])
 
 
+# What writes task events: on INSERT per statement, on UPDATE per row (migration 7a0c0e1d2b03).
+AUDIT_TRIGGERS = ("tasks_record_inserted", "tasks_record_event")
+
+
 async def _load_tasks(conn: asyncpg.Connection, device_ids: list[str], pending: bool) -> None:
-    # The audit trigger is off for the chunk (inside its transaction: the app waits on the table
-    # meanwhile and never sees it off) because the same statement writes the whole history;
-    # its per-row final-task notifications would also flood the app's listeners.
+    # The audit triggers are off for the chunk (inside its transaction: the app waits on the
+    # table meanwhile and never sees them off) because the same statement writes the whole history.
     async with conn.transaction():
-        await conn.execute("ALTER TABLE tasks DISABLE TRIGGER tasks_record_event")
+        for trigger in AUDIT_TRIGGERS:
+            await conn.execute(f"ALTER TABLE tasks DISABLE TRIGGER {trigger}")
         await conn.execute(_LOAD_TASKS, device_ids, TASKS_PER_DEVICE, pending)
-        await conn.execute("ALTER TABLE tasks ENABLE TRIGGER tasks_record_event")
+        for trigger in AUDIT_TRIGGERS:
+            await conn.execute(f"ALTER TABLE tasks ENABLE TRIGGER {trigger}")
 
 
 async def load(dsn: str, devices: int, history_of: str, progress: Progress) -> dict[str, Any]:
