@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import DateTime, MetaData, func
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -44,6 +45,11 @@ def create_engine(settings: DatabaseSettings) -> AsyncEngine:
             "server_settings": {"application_name": "swarm-core"},
         },
     )
+
+
+def asyncpg_dsn(sqlalchemy_url: str) -> str:
+    """The same database as a plain asyncpg DSN (for raw connections outside the engine)."""
+    return make_url(sqlalchemy_url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

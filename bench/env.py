@@ -19,8 +19,8 @@ from alembic.config import Config
 from sqlalchemy.engine import make_url
 
 from alembic import command
+from app.db import asyncpg_dsn
 from app.settings import Settings
-from app.tasks.waiters import asyncpg_dsn
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DATABASE = "swarm_bench"

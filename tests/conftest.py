@@ -25,7 +25,7 @@ from starlette.types import ASGIApp
 
 from alembic import command
 from app.auth import Scope, mint_token
-from app.db import create_engine, create_sessionmaker
+from app.db import asyncpg_dsn, create_engine, create_sessionmaker
 from app.devices import service as devices
 from app.devices.broker_admin import BrokerAdmin
 from app.main import create_app
@@ -93,6 +93,16 @@ async def _forget_earlier_devices(settings: Settings) -> None:
     finally:
         await admin.aclose()
         await engine.dispose()
+
+
+@pytest.fixture
+async def db(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
+    """A plain asyncpg connection to the test database, for SQL past the app."""
+    conn = await asyncpg.connect(asyncpg_dsn(settings.database.url.get_secret_value()))
+    try:
+        yield conn
+    finally:
+        await conn.close()
 
 
 # Periodic jobs every half second, so that deadlines, expiry and re-sent notices show within a test.

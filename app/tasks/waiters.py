@@ -16,7 +16,6 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 
 from sqlalchemy import ARRAY, Uuid, any_, bindparam, select
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.events.feed import ChangeFeed
@@ -29,10 +28,6 @@ _FINAL = sorted(s.value for s in FINAL_STATUSES)
 
 
 # For code that speaks asyncpg directly (bench, tests); its home would be app/db.py.
-def asyncpg_dsn(sqlalchemy_url: str) -> str:
-    return make_url(sqlalchemy_url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 class TaskWaiters:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], feed: ChangeFeed) -> None:
         self._sessions = sessions

@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 
-from app.settings import Settings
-from app.tasks.waiters import asyncpg_dsn
 from tests.conftest import unique_device_id
 
 INSERT_TASKS = """
@@ -20,15 +17,6 @@ INSERT INTO tasks (id, device_id, method, params, status, max_attempts, timeout_
 SELECT id, $2, 'echo', '{}', status, 3, 300, result
 FROM unnest($1::uuid[], $3::text[], $4::jsonb[]) AS t (id, status, result)
 """
-
-
-@pytest.fixture
-async def db(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(asyncpg_dsn(settings.database.url.get_secret_value()))
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 @pytest.fixture

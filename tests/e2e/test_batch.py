@@ -12,7 +12,6 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -20,7 +19,6 @@ import httpx
 import pytest
 
 from app.settings import Settings
-from app.tasks.waiters import asyncpg_dsn
 from tests.conftest import DeviceCredentials, enrol, unique_device_id
 
 DEVICES = int(os.environ.get("SWARM_BATCH_DEVICES", "50"))
@@ -29,15 +27,6 @@ TASKS_PER_DEVICE = 10
 # tasks/s (see the report in the test output); the full size needs its time.
 WAIT_S = 60 + DEVICES * TASKS_PER_DEVICE / 8
 ENROL_CONCURRENCY = 16
-
-
-@pytest.fixture
-async def db(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(asyncpg_dsn(settings.database.url.get_secret_value()))
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 async def enrol_many(client: httpx.AsyncClient, prefix: str, count: int, folder: Path) -> list[DeviceCredentials]:

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 import asyncpg
 import httpx
 import pytest
-from sqlalchemy.engine import make_url
 
 from app.db import create_engine, create_sessionmaker
 from app.errors import Conflict, NotFound
@@ -30,16 +29,6 @@ async def sessions(settings: Settings) -> AsyncIterator[Sessions]:
         await engine.dispose()
 
 
-@pytest.fixture
-async def database(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
-    dsn = make_url(settings.database.url.get_secret_value()).set(drivername="postgresql")
-    conn = await asyncpg.connect(dsn.render_as_string(hide_password=False))
-    try:
-        yield conn
-    finally:
-        await conn.close()
-
-
 async def new_device(client: httpx.AsyncClient) -> str:
     device_id = unique_device_id("pull")
     response = await client.post("/devices", json={"id": device_id})
@@ -54,7 +43,7 @@ async def new_task(client: httpx.AsyncClient, device_id: str) -> uuid.UUID:
 
 
 async def test_rival_pulls_of_one_device_all_get_the_one_task_handed_out(
-    app_client: httpx.AsyncClient, sessions: Sessions, database: asyncpg.Connection
+    app_client: httpx.AsyncClient, sessions: Sessions, db: asyncpg.Connection
 ) -> None:
     device_id = await new_device(app_client)
     first = await new_task(app_client, device_id)
@@ -64,22 +53,22 @@ async def test_rival_pulls_of_one_device_all_get_the_one_task_handed_out(
 
     assert {task.id for task in pulled if task is not None} == {first}
     assert all(task is not None and task.status == TaskStatus.IN_PROGRESS for task in pulled)
-    in_progress = await database.fetchval(
+    in_progress = await db.fetchval(
         "SELECT count(*) FROM tasks WHERE device_id = $1 AND status = 'in_progress'", device_id
     )
     assert in_progress == 1
 
 
 async def test_a_pull_waits_for_a_locked_task_instead_of_answering_nothing(
-    app_client: httpx.AsyncClient, sessions: Sessions, database: asyncpg.Connection
+    app_client: httpx.AsyncClient, sessions: Sessions, db: asyncpg.Connection
 ) -> None:
     device_id = await new_device(app_client)
     task_id = await new_task(app_client, device_id)
 
     # Another transaction (the notifier, a job) holds the row for a moment (decision 14).
-    locker = database.transaction()
+    locker = db.transaction()
     await locker.start()
-    await database.execute("SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE", task_id)
+    await db.execute("SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE", task_id)
     pull = asyncio.create_task(service.next_task(sessions, device_id))
     await asyncio.sleep(0.5)
     assert not pull.done()

@@ -20,22 +20,12 @@ from app.broker import AMQ_TOPIC, ConfirmedPublisher
 from app.db import create_engine, create_sessionmaker
 from app.settings import Settings
 from app.tasks.notifier import Notifier
-from app.tasks.waiters import asyncpg_dsn
 from swarm_device.protocol import notify_topic, to_routing_key
 from tests.conftest import unique_device_id
 from tests.management import core_broker
 
 WINDOW = 50
 BULK = 1_000
-
-
-@pytest.fixture
-async def db(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(asyncpg_dsn(settings.database.url.get_secret_value()))
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 @pytest.fixture
