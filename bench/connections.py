@@ -49,12 +49,16 @@ async def queue_backlogs(settings: Settings) -> dict[str, int] | None:
 
 
 async def broker_memory(settings: Settings) -> int:
+    """The node's Erlang memory now: `/api/nodes`' `mem_used` is a sample up to a stats interval old."""
     broker = settings.broker
     auth = (broker.management_user, broker.management_password.get_secret_value())
     async with httpx.AsyncClient(base_url=broker.management_url, auth=auth, timeout=MANAGEMENT_TIMEOUT_S) as client:
-        response = await client.get("/api/nodes", params={"columns": "name,mem_used"})
+        nodes = await client.get("/api/nodes", params={"columns": "name"})
+        nodes.raise_for_status()
+        node = nodes.json()[0]["name"]
+        response = await client.get(f"/api/nodes/{quote(node, safe='')}/memory")
         response.raise_for_status()
-        return int(response.json()[0]["mem_used"])
+        return int(response.json()["memory"]["total"]["erlang"])
 
 
 async def run(

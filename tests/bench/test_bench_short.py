@@ -29,8 +29,8 @@ SECTIONS = {
     "scale": ["tasks", "devices", "next_empty_ms.p50", "next_loaded_ms.p50"],
     "connections": ["stayed_connected"],
 }
-# Memory growth over a few dozen devices is within the noise of a node's allocator: it must be
-# measured (a number), but may come out as zero.
+# Memory growth over a few dozen devices is within the noise of a node's garbage collection (the
+# previous section's devices are still being freed): it must be measured, but its sign is noise.
 MEMORY_FIGURES = ["connections.broker_bytes_per_device", "connections.simulator_bytes_per_device"]
 
 
@@ -72,8 +72,7 @@ def test_short_mode_reports_every_section(stack_env: dict[str, str], tmp_path: P
             assert value > 0, f"{section}.{figure} = {value!r}"
     for figure in MEMORY_FIGURES:
         value = _figure(results, figure)
-        assert isinstance(value, int | float), f"{figure} = {value!r}"
-        assert value >= 0, f"{figure} = {value!r}"
+        assert isinstance(value, int), f"{figure} = {value!r}"
     assert results["roundtrip"]["not_final_after_wait"] == 0
     assert results["connections"]["stayed_connected"] == results["connections"]["target"]
     assert {t["target"] for t in results["targets"]}, "the targets are evaluated"
