@@ -39,7 +39,7 @@ from pydantic import BaseModel, ValidationError
 
 from app import metrics
 from app.broker import AMQ_TOPIC, DEAD_LETTER_EXCHANGE, publish_to_device
-from app.errors import AppError, is_infrastructure_error
+from app.errors import AppError, until_infrastructure_answers
 from app.storable_json import NUL_REFUSED, contains_nul
 from swarm_device.protocol import REQUEST_ID_MAX_LENGTH, ErrorCode, Request, reply_topic
 
@@ -266,7 +266,9 @@ class DeviceRpcRouter:
             self._recent.answering(key)
             request = DeviceRequest(device_id, request_id, params, {k: str(v) for k, v in message.path.items()})
             async with self._slots:
-                result = await self._call_until_infrastructure_answers(handler, request)
+                result = await until_infrastructure_answers(
+                    lambda: handler(request), f"handling a request of {device_id}"
+                )
             reply = encode_reply(request_id, result=result)
         except RequestRejected as exc:
             reply = encode_reply(exc.request_id, error=(ErrorCode.INVALID, str(exc)))
@@ -301,21 +303,6 @@ class DeviceRpcRouter:
         if earlier != ANSWERING:
             await self._reply(message, device_id, earlier)
         await message.ack()
-
-    async def _call_until_infrastructure_answers(
-        self, handler: Handler[P], request: DeviceRequest[P]
-    ) -> BaseModel | None:
-        delay = 0.2
-        while True:
-            try:
-                return await handler(request)
-            except Exception as exc:
-                if not is_infrastructure_error(exc):
-                    raise
-                # Not the message's fault: hold it (unacknowledged) until the database is back.
-                log.warning("handling a request of %s failed on infrastructure (%r); retrying", request.device_id, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
 
     async def _reply(self, message: RabbitMessage, device_id: str, body: bytes) -> None:
         # MQTT 5 Response Topic arrives as reply_to; honour it only inside the device's own down-topics.
