@@ -69,7 +69,7 @@ RMQ_NOFILE=100000
 # thousands of devices the node's largest background work (docs/performance.md, Connections).
 # The tests read consumer counts from them, so they want the 5 s default.
 STATS_INTERVAL_MS="${SWARM_BROKER_STATS_INTERVAL_MS:-5000}"
-[[ "$STATS_INTERVAL_MS" =~ ^[0-9]+$ ]] || die "SWARM_BROKER_STATS_INTERVAL_MS must be a number of milliseconds"
+[[ "$STATS_INTERVAL_MS" =~ ^[1-9][0-9]*000$ ]] || die "SWARM_BROKER_STATS_INTERVAL_MS must be whole seconds in ms"
 ADMIN_USER=swarm-admin
 CORE_USER=swarm-core
 
@@ -329,7 +329,7 @@ rmq_render_config() {
         -e "s|@MGMT_PORT@|$MGMT_PORT|g" -e "s|@MQTTS_PORT@|$MQTTS_PORT|g" \
         -e "s|@CA_FILE@|$PKI/ca.crt|g" -e "s|@CERT_FILE@|$PKI/rabbitmq.crt|g" \
         -e "s|@KEY_FILE@|$PKI/rabbitmq.key|g" -e "s|@VHOST@|$VHOST|g" \
-        -e "s|@STATS_INTERVAL_MS@|$STATS_INTERVAL_MS|g" \
+        -e "s|@STATS_INTERVAL_MS@|$STATS_INTERVAL_MS|g" -e "s|@STATS_INTERVAL_S@|$((STATS_INTERVAL_MS / 1000))|g" \
         "$ROOT/rabbitmq/rabbitmq.conf.template" >"$out"
     if grep -q '@[A-Z_]*@' "$out"; then
         die "unreplaced placeholder in $out: $(grep -o '@[A-Z_]*@' "$out" | head -1)"
