@@ -8,19 +8,15 @@ test_events).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, cast
 
 import asyncpg
-import pytest
 
-from app.db import create_engine, create_sessionmaker
 from app.device_rpc import RabbitMessage
 from app.devices.presence import PresenceConsumer
 from app.devices.service import Sessions
-from app.settings import Settings
 from tests.conftest import unique_device_id
 
 
@@ -49,15 +45,6 @@ def opened(name: str, user: str, protocol: str = "MQTT 3.1.1") -> EventMessage:
 
 def closed(name: str) -> EventMessage:
     return EventMessage("connection.closed", {"name": name})
-
-
-@pytest.fixture
-async def sessions(settings: Settings) -> AsyncIterator[Sessions]:
-    engine = create_engine(settings.database)
-    try:
-        yield create_sessionmaker(engine)
-    finally:
-        await engine.dispose()
 
 
 async def feed(sessions: Sessions, messages: list[EventMessage]) -> None:
