@@ -12,6 +12,11 @@ What can go wrong with a message, and what happens:
 - the database or broker unreachable: the message is held and retried until they are back;
 - anything else (a bug): redelivered up to the queue's delivery limit, then an `internal`
   error reply and the message is dead-lettered to `swarm.dead-letter`; the consumer lives on.
+
+A device re-sends an unanswered request with the same id (the SDK after 10, 20, 40, 60 s). A copy
+of a request this process is answering is acknowledged without a reply (the first one's reply
+answers it); a copy of one it answered in the last minutes gets the same reply again, without
+running the handler (decision 22).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Generic, TypeVar
@@ -32,7 +39,7 @@ from pydantic import BaseModel, ValidationError
 
 from app import metrics
 from app.broker import AMQ_TOPIC, DEAD_LETTER_EXCHANGE, publish_to_device
-from app.errors import AppError, is_infrastructure_error
+from app.errors import AppError, until_infrastructure_answers
 from app.storable_json import NUL_REFUSED, contains_nul
 from swarm_device.protocol import REQUEST_ID_MAX_LENGTH, ErrorCode, Request, reply_topic
 
@@ -43,6 +50,12 @@ P = TypeVar("P", bound=BaseModel)
 MAX_REQUEST_BYTES = 256 * 1024
 # Deliveries of one message before it is parked in the dead-letter queue.
 DELIVERY_LIMIT = 5
+# How long, and for how many requests, a reply is kept to answer the device's copies: the SDK's
+# copies come 10-190 s after the first, later still when the queue is long.
+REPLY_MEMORY_S = 600.0
+REPLY_MEMORY_SIZE = 50_000
+# Larger replies (a task with big params) are not kept: a copy of such a request is handled again.
+REPLY_MEMORY_MAX_BYTES = 8 * 1024
 _PATH_PARAM = re.compile(r"\{(\w+)\}")
 
 
@@ -136,6 +149,56 @@ def encode_reply(
     return orjson.dumps({"id": request_id, "result": payload})
 
 
+RequestKey = tuple[str, str, str]  # (route pattern, device id, request id)
+# Marks a request whose reply is still being worked out.
+ANSWERING = b""
+
+
+class RecentReplies:
+    """The requests this process is answering or answered lately, by (route, device, request id).
+
+    Oldest first, so expiry and the size bound drop from the front. Per process: a copy that goes
+    to another app process is handled there (the handlers are idempotent, so only work is lost).
+    """
+
+    def __init__(
+        self, ttl_s: float = REPLY_MEMORY_S, size: int = REPLY_MEMORY_SIZE, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._ttl_s = ttl_s
+        self._size = size
+        self._clock = clock
+        self._entries: OrderedDict[RequestKey, tuple[float, bytes]] = OrderedDict()
+
+    def get(self, key: RequestKey) -> bytes | None:
+        """The reply sent to this request, ANSWERING while it is being handled, None if unknown."""
+        entry = self._entries.get(key)
+        if entry is None or entry[0] < self._clock() - self._ttl_s:
+            return None
+        return entry[1]
+
+    def answering(self, key: RequestKey) -> None:
+        self._put(key, ANSWERING)
+
+    def answered(self, key: RequestKey, reply: bytes) -> None:
+        if len(reply) > REPLY_MEMORY_MAX_BYTES:
+            self.forget(key)
+        else:
+            self._put(key, reply)
+
+    def forget(self, key: RequestKey) -> None:
+        self._entries.pop(key, None)
+
+    def _put(self, key: RequestKey, value: bytes) -> None:
+        now = self._clock()
+        self._entries[key] = (now, value)
+        self._entries.move_to_end(key)
+        while self._entries:
+            oldest_key, (at, _) = next(iter(self._entries.items()))
+            if len(self._entries) <= self._size and at >= now - self._ttl_s:
+                break
+            del self._entries[oldest_key]
+
+
 class DeviceRpcRouter:
     """Registers device methods on a FastStream RabbitRouter."""
 
@@ -146,6 +209,7 @@ class DeviceRpcRouter:
         # Requests beyond what the database pool serves at once wait here, not for a pooled
         # connection (whose timeout would count as a database outage and back off).
         self._slots = asyncio.Semaphore(max_concurrency)
+        self._recent = RecentReplies()
 
     def method(self, pattern: str, params: type[P]) -> Callable[[Handler[P]], Handler[P]]:
         def register(handler: Handler[P]) -> Handler[P]:
@@ -154,7 +218,7 @@ class DeviceRpcRouter:
                 # its own task lets a queue work on up to `prefetch` requests at once (database
                 # and broker round trips overlap). Acks are manual, so nothing is lost if the
                 # process dies meanwhile: unacknowledged messages are redelivered.
-                task = asyncio.create_task(self._handle_logged(message, handler, params))
+                task = asyncio.create_task(self._handle_logged(message, pattern, handler, params))
                 self._in_flight.add(task)
                 task.add_done_callback(self._in_flight.discard)
 
@@ -175,9 +239,11 @@ class DeviceRpcRouter:
         if self._in_flight:
             await asyncio.wait(set(self._in_flight), timeout=timeout_s)
 
-    async def _handle_logged(self, message: RabbitMessage, handler: Handler[P], params_model: type[P]) -> None:
+    async def _handle_logged(
+        self, message: RabbitMessage, pattern: str, handler: Handler[P], params_model: type[P]
+    ) -> None:
         try:
-            await self._handle(message, handler, params_model)
+            await self._handle(message, pattern, handler, params_model)
         except Exception:
             # Only the reply publish or the ack can fail here (broker gone): the message stays
             # unacknowledged and comes back when the channel is re-established.
@@ -185,20 +251,33 @@ class DeviceRpcRouter:
                 "request from %s could not be answered; it will be redelivered", message.path.get("device_id")
             )
 
-    async def _handle(self, message: RabbitMessage, handler: Handler[P], params_model: type[P]) -> None:
+    async def _handle(self, message: RabbitMessage, pattern: str, handler: Handler[P], params_model: type[P]) -> None:
         device_id = str(message.path["device_id"])
         request_id: str | None = None
+        key: RequestKey | None = None
         try:
             request_id, params = parse_request(message.body, params_model)
+            key = (pattern, device_id, request_id)
+            earlier = self._recent.get(key)
+            if earlier is not None:
+                metrics.REQUEST_COPIES.labels(handler.__name__).inc()
+                await self._answer_copy(message, device_id, earlier)
+                return
+            self._recent.answering(key)
             request = DeviceRequest(device_id, request_id, params, {k: str(v) for k, v in message.path.items()})
             async with self._slots:
-                result = await self._call_until_infrastructure_answers(handler, request)
+                result = await until_infrastructure_answers(
+                    lambda: handler(request), f"handling a request of {device_id}"
+                )
             reply = encode_reply(request_id, result=result)
         except RequestRejected as exc:
             reply = encode_reply(exc.request_id, error=(ErrorCode.INVALID, str(exc)))
         except AppError as exc:
             reply = encode_reply(request_id, error=(exc.code, exc.detail))
         except Exception:
+            if key is not None:
+                # Its redelivery (or the device's copy) must be handled, not taken for a copy.
+                self._recent.forget(key)
             metrics.CONSUMER_ERRORS.labels(handler.__name__).inc()
             if _deliveries(message) + 1 < DELIVERY_LIMIT:
                 log.exception("request from %s failed; it will be redelivered", device_id)
@@ -211,23 +290,19 @@ class DeviceRpcRouter:
             await message.reject(requeue=False)
             metrics.DEAD_LETTERED.labels(handler.__name__).inc()
             return
+        if key is not None:
+            # Kept before the publish: if the publish fails, the redelivered message is answered
+            # from here rather than handled twice.
+            self._recent.answered(key, reply)
         await self._reply(message, device_id, reply)
         await message.ack()
 
-    async def _call_until_infrastructure_answers(
-        self, handler: Handler[P], request: DeviceRequest[P]
-    ) -> BaseModel | None:
-        delay = 0.2
-        while True:
-            try:
-                return await handler(request)
-            except Exception as exc:
-                if not is_infrastructure_error(exc):
-                    raise
-                # Not the message's fault: hold it (unacknowledged) until the database is back.
-                log.warning("handling a request of %s failed on infrastructure (%r); retrying", request.device_id, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+    async def _answer_copy(self, message: RabbitMessage, device_id: str, earlier: bytes) -> None:
+        # While the first is being handled its reply will answer the copy too; nothing is lost by
+        # acknowledging the copy, since the first stays unacknowledged until it is answered.
+        if earlier != ANSWERING:
+            await self._reply(message, device_id, earlier)
+        await message.ack()
 
     async def _reply(self, message: RabbitMessage, device_id: str, body: bytes) -> None:
         # MQTT 5 Response Topic arrives as reply_to; honour it only inside the device's own down-topics.

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, ClassVar, TypeVar
 
 import orjson
 from fastapi import FastAPI, Request
@@ -103,6 +104,25 @@ def is_infrastructure_error(exc: BaseException) -> bool:
         return True
     sqlstate = getattr(exc.orig.__cause__ if exc.orig is not None else None, "sqlstate", None)
     return isinstance(sqlstate, str) and sqlstate.startswith(_OUTAGE_SQLSTATES)
+
+
+T = TypeVar("T")
+
+
+async def until_infrastructure_answers(call: Callable[[], Awaitable[T]], what: str) -> T:
+    """`call()` again and again, backing off up to 5 s, while it fails on the infrastructure (a
+    message being handled is held, unacknowledged, until the database is back); any other error
+    is raised."""
+    delay = 0.2
+    while True:
+        try:
+            return await call()
+        except Exception as exc:
+            if not is_infrastructure_error(exc):
+                raise
+            log.warning("%s failed on infrastructure (%r); retrying", what, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def problem(status: int, title: str, detail: str, instance: str, **extra: Any) -> Response:

@@ -45,6 +45,12 @@ CREATED_TO_FINAL = Histogram(
 CONSUMER_ERRORS = Counter(
     "swarm_consumer_errors_total", "Device requests whose handler failed unexpectedly.", ["handler"], registry=REGISTRY
 )
+REQUEST_COPIES = Counter(
+    "swarm_device_request_copies_total",
+    "Device requests re-sent with an id this process was answering or had answered (not handled again).",
+    ["handler"],
+    registry=REGISTRY,
+)
 DEAD_LETTERED = Counter(
     "swarm_dead_lettered_total", "Device requests parked in the dead-letter queue.", ["handler"], registry=REGISTRY
 )

@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list out of {','.join(SECTIONS)}")
     parser.add_argument("--token", default=os.environ.get("BENCH_TOKEN"), help="bearer token, if the API wants one")
+    parser.add_argument(
+        "--no-hello", action="store_true", help="connections: devices only connect (no hello, no tasks/next)"
+    )
     parser.add_argument("--output", type=Path, default=None, help="JSON file (default: bench-results/<time>.json)")
     for name in DEFAULTS:
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=None)
@@ -167,6 +170,7 @@ async def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
                 connect_rate=args.connect_rate,
                 hold_s=args.hold_seconds,
                 processes=int(args.sim_processes),
+                no_hello=args.no_hello,
                 app_pids=app.pids(),
                 log_file=logs["simulator"],
                 progress=progress,
@@ -347,6 +351,8 @@ def print_table(results: dict[str, Any]) -> None:
         cpu = ", ".join(f"{name} {ms}" for name, ms in cn["cpu_ms_per_connect"].items())
         rows.append(("connections: rate", f"{cn['connect_per_s']}/s ({cn['simulator_processes']} simulator processes)"))
         rows.append(("connections: CPU ms/connect", cpu))
+        held = ", ".join(f"{name} {pct}%" for name, pct in cn["hold_cpu_percent"].items())
+        rows.append(("connections: CPU holding", held))
         backlogs = cn["app_queue_backlogs"]
         backlog = "unknown" if backlogs is None else ", ".join(f"{n} {c}" for n, c in backlogs.items()) or "none"
         rows.append(

@@ -2,11 +2,11 @@
 
 The simulator connects `target` devices at `connect_rate` per second; once all are up (or none
 joined for a while) the fleet is held and the lowest connected count seen is what "stayed".
-Memory per device is the growth of the broker node (`mem_used` from the management API), of the
+Memory per device is the growth of the broker node (its live Erlang memory total from the management API), of the
 app processes and of the simulator processes (RSS), divided by the devices connected. CPU per
 connect is each component's CPU time while the fleet connected (and said hello), divided by the
 devices connected: on a shared box it tells which component runs out first, where the connect
-rate alone does not.
+rate alone does not. CPU while holding is each component's share of a core during the hold.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+from faststream.rabbit import RabbitQueue
 
+from app.broker import create_broker
 from app.settings import Settings
 from bench.env import CpuMeter, Stack, rss_bytes
 from bench.fleet import Fleet
@@ -34,18 +36,29 @@ MANAGEMENT_TIMEOUT_S = 120.0
 
 async def queue_backlogs(settings: Settings) -> dict[str, int] | None:
     """Messages waiting in the app's own queues (`swarm.*`): the device requests and presence
-    events the app has not worked off yet. None when the management API does not answer in
-    time (it lists every device's session queue too, and is slow on a busy node)."""
+    events the app has not worked off yet. Names from the management API (None when it does not
+    answer in time: it lists every device's session queue too, and is slow on a busy node), the
+    counts from the queues themselves (the statistics may be a minute old)."""
     broker = settings.broker
     auth = (broker.management_user, broker.management_password.get_secret_value())
-    params = {"columns": "name,messages", "name": r"^swarm\.", "use_regex": "true", "page": "1", "page_size": "100"}
+    params = {"columns": "name", "name": r"^swarm\.", "use_regex": "true", "page": "1", "page_size": "100"}
     try:
         async with httpx.AsyncClient(base_url=broker.management_url, auth=auth, timeout=MANAGEMENT_TIMEOUT_S) as client:
             response = await client.get(f"/api/queues/{quote(broker.devices_vhost, safe='')}", params=params)
             response.raise_for_status()
     except httpx.HTTPError:
         return None
-    return {q["name"]: int(q["messages"]) for q in response.json()["items"] if q.get("messages")}
+    core = create_broker(broker)
+    await core.connect()
+    counts: dict[str, int] = {}
+    try:
+        for name in sorted(q["name"] for q in response.json()["items"]):
+            declared = await (await core.declare_queue(RabbitQueue(name, declare=False))).declare()
+            if declared.message_count:
+                counts[name] = declared.message_count
+    finally:
+        await core.stop()
+    return counts
 
 
 async def broker_memory(settings: Settings) -> int:
@@ -69,6 +82,7 @@ async def run(
     connect_rate: float,
     hold_s: float,
     processes: int,
+    no_hello: bool = False,
     app_pids: list[int],
     log_file: Path,
     progress: Progress,
@@ -76,7 +90,9 @@ async def run(
     settings = stack.settings
     broker_before = await broker_memory(settings)
     app_before = rss_bytes(app_pids)
-    async with simulating(settings, fleet, target, connect_rate, log_file, processes=processes) as simulator:
+    async with simulating(
+        settings, fleet, target, connect_rate, log_file, processes=processes, no_hello=no_hello
+    ) as simulator:
         await asyncio.sleep(1.0)
         sim_before = rss_bytes(simulator.pids)
         cpu = CpuMeter(stack, app_pids, simulator.pids)
@@ -100,10 +116,13 @@ async def run(
             connected_at_end = simulator.connected
             backlogs = await queue_backlogs(settings)
             lowest = simulator.connected
-            hold_until = time.monotonic() + hold_s
-            while time.monotonic() < hold_until:
+            hold_cpu = CpuMeter(stack, app_pids, simulator.pids)
+            hold_started = time.monotonic()
+            while time.monotonic() < hold_started + hold_s:
                 lowest = min(lowest, simulator.connected)
                 await asyncio.sleep(0.5)
+            held_s = time.monotonic() - hold_started
+            hold_cpu_used = hold_cpu.used()
         connected = max(lowest, 1)
         broker_after = await broker_memory(settings)
         app_after = rss_bytes(app_pids)
@@ -112,6 +131,7 @@ async def run(
     return {
         "target": target,
         "simulator_processes": processes,
+        "no_hello": no_hello,
         "connected": simulator.connected,
         "ready": ready,
         "connect_failures": simulator.connect_failures,
@@ -124,6 +144,8 @@ async def run(
         },
         "app_queue_backlogs": backlogs,
         "hold_s": hold_s,
+        # The fleet's upkeep once connected (keepalives, the broker's statistics, app backlogs).
+        "hold_cpu_percent": {name: round(used * 100 / held_s, 1) for name, used in hold_cpu_used.items()},
         "broker_bytes_per_device": (broker_after - broker_before) // connected,
         "app_bytes_per_device": max(0, app_after - app_before) // connected,
         "simulator_bytes_per_device": (sim_after - sim_before) // connected,

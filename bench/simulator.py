@@ -73,10 +73,18 @@ async def _stop(process: asyncio.subprocess.Process) -> None:
 
 @contextlib.asynccontextmanager
 async def simulating(
-    settings: Settings, fleet: Fleet, count: int, connect_rate: float, log_file: Path, *, processes: int = 1
+    settings: Settings,
+    fleet: Fleet,
+    count: int,
+    connect_rate: float,
+    log_file: Path,
+    *,
+    processes: int = 1,
+    no_hello: bool = False,
 ) -> AsyncIterator[Simulator]:
     """Devices `<prefix>1..<prefix><count>` of the fleet running `echo` tasks until the block ends,
-    split over `processes` simulator processes that share the connect rate."""
+    split over `processes` simulator processes that share the connect rate; `no_hello`: devices
+    that only connect (ready once subscribed)."""
     processes = max(1, min(processes, count))
     started: list[asyncio.subprocess.Process] = []
     try:
@@ -96,6 +104,7 @@ async def simulating(
                     f"--connect-rate={connect_rate / processes}",
                     "--protocol=3.1.1",
                     "--status-interval=1",
+                    *(["--no-hello"] if no_hello else []),
                 )
                 started.append(
                     await asyncio.create_subprocess_exec(

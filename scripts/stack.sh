@@ -6,8 +6,9 @@
 #   scripts/stack.sh install | services | down | status | env
 #
 # SWARM_STACK (default dev) names the stack; SWARM_PORT_BASE overrides its port base
-# (dev 35000, test 36000). See LOCAL-STACK.md in the design notes for why RabbitMQ is started
-# the way it is.
+# (dev 35000, test 36000); SWARM_BROKER_STATS_INTERVAL_MS (default 5000) sets how often the
+# broker collects its management statistics (a change restarts the node). See LOCAL-STACK.md in
+# the design notes for why RabbitMQ is started the way it is.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -64,6 +65,11 @@ VHOST=devices
 # Open files of the RabbitMQ node: one socket per connected device, and the node keeps ~10% of
 # the limit for files. The shell's default here (20,000) caps the node near 18,000 sockets.
 RMQ_NOFILE=100000
+# The management statistics of every connection, channel and queue, collected this often: with
+# thousands of devices the node's largest background work (docs/performance.md, Connections).
+# The tests read consumer counts from them, so they want the 5 s default.
+STATS_INTERVAL_MS="${SWARM_BROKER_STATS_INTERVAL_MS:-5000}"
+[[ "$STATS_INTERVAL_MS" =~ ^[1-9][0-9]*000$ ]] || die "SWARM_BROKER_STATS_INTERVAL_MS must be whole seconds in ms"
 ADMIN_USER=swarm-admin
 CORE_USER=swarm-core
 
@@ -323,6 +329,7 @@ rmq_render_config() {
         -e "s|@MGMT_PORT@|$MGMT_PORT|g" -e "s|@MQTTS_PORT@|$MQTTS_PORT|g" \
         -e "s|@CA_FILE@|$PKI/ca.crt|g" -e "s|@CERT_FILE@|$PKI/rabbitmq.crt|g" \
         -e "s|@KEY_FILE@|$PKI/rabbitmq.key|g" -e "s|@VHOST@|$VHOST|g" \
+        -e "s|@STATS_INTERVAL_MS@|$STATS_INTERVAL_MS|g" -e "s|@STATS_INTERVAL_S@|$((STATS_INTERVAL_MS / 1000))|g" \
         "$ROOT/rabbitmq/rabbitmq.conf.template" >"$out"
     if grep -q '@[A-Z_]*@' "$out"; then
         die "unreplaced placeholder in $out: $(grep -o '@[A-Z_]*@' "$out" | head -1)"

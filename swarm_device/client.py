@@ -243,8 +243,8 @@ class DeviceClient:
 
         Waits for a connection if there is none. A timed-out request is resent with the same
         id, `attempts` times in all (default: the client's `request_attempts`), each wait twice
-        the previous one; `until_answered` never gives up. Raises `RpcCallError` on an error
-        reply and `RpcTimeoutError` when the attempts are used up.
+        the previous one; `until_answered` never gives up, and waits three times as long.
+        Raises `RpcCallError` on an error reply and `RpcTimeoutError` when the attempts are used up.
         """
         return await self._rpc.call(
             method,

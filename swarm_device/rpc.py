@@ -64,6 +64,13 @@ def parse_reply(payload: bytes) -> Reply:
         raise MalformedReplyError(f"not a reply: {exc.error_count()} error(s): {exc.errors()[0]['msg']}") from exc
 
 
+#: A call that never gives up (`until_answered`: hello, tasks/next) waits this many times longer,
+#: first and at most: its request is queued durably, so a copy mostly adds to the backlog of a
+#: core that is slow rather than replace a request it lost (10,000 devices connecting: several
+#: copies per device at 10 s, decision 22).
+UNTIL_ANSWERED_PATIENCE = 3.0
+
+
 def attempt_timeout(timeout: float, max_timeout: float, attempt: int) -> float:
     """How long attempt number `attempt` (1-based) waits: doubling from `timeout` up to `max_timeout`.
 
@@ -118,10 +125,15 @@ class RpcChannel:
 
         `reply_timeout` is the wait of the first attempt (later ones double it, up to `max_timeout`);
         `attempts` bounds the sends (same request id each time) unless `until_answered`, which
-        retries forever. Raises `RpcCallError` for an error reply, `RpcTimeoutError` when the
-        attempts are used up. Waiting for a connection does not count against the timeout.
+        retries forever and waits `UNTIL_ANSWERED_PATIENCE` times as long. Raises `RpcCallError`
+        for an error reply, `RpcTimeoutError` when the attempts are used up. Waiting for a
+        connection does not count against the timeout.
         """
         first_timeout = self.timeout if reply_timeout is None else reply_timeout
+        max_timeout = max(first_timeout, self.max_timeout)
+        if until_answered:
+            first_timeout *= UNTIL_ANSWERED_PATIENCE
+            max_timeout *= UNTIL_ANSWERED_PATIENCE
         max_attempts = self.attempts if attempts is None else attempts
         request_id = new_request_id()
         payload = encode_request(request_id, params or {})
@@ -132,7 +144,7 @@ class RpcChannel:
             while True:
                 attempt += 1
                 await self._publish(method, request_id, payload)
-                wait = attempt_timeout(first_timeout, max(first_timeout, self.max_timeout), attempt)
+                wait = attempt_timeout(first_timeout, max_timeout, attempt)
                 try:
                     # asyncio.timeout, not wait_for: on 3.11 wait_for drops a cancellation that
                     # arrives together with the reply, and a stopping device then hangs.

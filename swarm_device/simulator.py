@@ -105,6 +105,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--request-timeout", type=float, default=10.0, help="first RPC reply timeout")
     parser.add_argument(
+        "--no-hello",
+        action="store_true",
+        help="connect and subscribe only: no hello, no tasks/next (the broker's cost of connections alone)",
+    )
+    parser.add_argument(
         "--no-verify-hostname",
         action="store_true",
         help="do not check the broker certificate's host name",
@@ -214,6 +219,13 @@ def status_line(clients: Sequence[DeviceClient], planned: int, elapsed: float) -
     )
 
 
+class SilentDeviceClient(DeviceClient):
+    """A device that connects and subscribes but sends no request: `ready` once connected."""
+
+    async def _greet(self) -> None:
+        self.ready.set()
+
+
 class Fleet:
     """The simulated devices of one process, started at a bounded rate."""
 
@@ -227,7 +239,7 @@ class Fleet:
     def _make_client(self, device_id: str, protocol: ProtocolPreference) -> DeviceClient:
         cert_dir: Path = self.args.cert_dir
         handlers = build_handlers(self.args.work_ms / 1000, self.args.fail_rate, self._rng)
-        client = DeviceClient(
+        client = (SilentDeviceClient if self.args.no_hello else DeviceClient)(
             device_id,
             self.args.host,
             self.args.port,

@@ -105,6 +105,16 @@ async def db(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
         await conn.close()
 
 
+@pytest.fixture
+async def sessions(settings: Settings) -> AsyncIterator[devices.Sessions]:
+    """A session factory of the test database, for calling services past the app."""
+    engine = create_engine(settings.database)
+    try:
+        yield create_sessionmaker(engine)
+    finally:
+        await engine.dispose()
+
+
 # Periodic jobs every half second, so that deadlines, expiry and re-sent notices show within a test.
 FAST_JOBS: dict[str, Any] = {
     "scheduler": {"deadlines_interval_s": 0.5, "expiry_interval_s": 0.5, "notices_interval_s": 0.5},

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ARRAY, String, any_, bindparam, delete, func, select, update
+from sqlalchemy import ARRAY, String, any_, bindparam, delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -99,32 +101,51 @@ async def revoke_certificates(session: AsyncSession, device_id: str) -> None:
     )
 
 
-async def connection_opened(session: AsyncSession, name: str, device_id: str, at: datetime) -> bool:
-    """Record an open connection; False if the device is unknown (not one of ours)."""
-    if await get_device(session, device_id) is None:
-        return False
-    await session.execute(
-        insert(DeviceConnection)
-        .values(name=name, device_id=device_id, connected_at=at)
-        .on_conflict_do_nothing(index_elements=[DeviceConnection.name])
+@dataclass(frozen=True, slots=True)
+class ConnectionEvent:
+    """A broker connection of a device opened (`device_id` set) or closed (None: the event names
+    only the connection)."""
+
+    name: str
+    device_id: str | None
+    at: datetime
+
+
+# One statement per event, so that a run of them goes to PostgreSQL as one pipelined executemany.
+# Opened: the device (if it is one of ours) goes online and the connection is recorded.
+_CONNECTION_OPENED = text(
+    """
+    WITH device AS (
+        UPDATE devices SET online = true, last_seen_at = :at, updated_at = now()
+        WHERE id = :device_id
+        RETURNING id
     )
-    await set_presence(session, [device_id], True, at)
-    return True
+    INSERT INTO device_connections (name, device_id, connected_at)
+    SELECT CAST(:name AS text), id, CAST(:at AS timestamptz) FROM device
+    ON CONFLICT (name) DO NOTHING
+    """
+)
+# Closed: the connection is forgotten; the device goes offline when it was its last one. The
+# statements of a WITH share one snapshot, so the NOT EXISTS still sees the row being deleted.
+_CONNECTION_CLOSED = text(
+    """
+    WITH gone AS (DELETE FROM device_connections WHERE name = :name RETURNING device_id)
+    UPDATE devices SET online = false, last_seen_at = :at, updated_at = now()
+    FROM gone
+    WHERE devices.id = gone.device_id
+      AND NOT EXISTS (SELECT FROM device_connections c WHERE c.device_id = gone.device_id AND c.name <> :name)
+    """
+)
 
 
-async def connection_closed(session: AsyncSession, name: str, at: datetime) -> str | None:
-    """Forget a closed connection; the device goes offline when it was its last one."""
-    device_id = (
-        await session.execute(
-            delete(DeviceConnection).where(DeviceConnection.name == name).returning(DeviceConnection.device_id)
-        )
-    ).scalar_one_or_none()
-    if device_id is None:
-        return None
-    remaining = await session.scalar(select(func.count()).where(DeviceConnection.device_id == device_id))
-    if not remaining:
-        await set_presence(session, [device_id], False, at)
-    return device_id
+async def apply_connection_events(session: AsyncSession, events: Sequence[ConnectionEvent]) -> None:
+    """Apply the events in their order; each run of opened (or of closed) ones is one executemany."""
+    for opened, run in itertools.groupby(events, key=lambda event: event.device_id is not None):
+        if opened:
+            rows = [{"name": e.name, "device_id": e.device_id, "at": e.at} for e in run]
+            await session.execute(_CONNECTION_OPENED, rows)
+        else:
+            await session.execute(_CONNECTION_CLOSED, [{"name": e.name, "at": e.at} for e in run])
 
 
 async def replace_connections(session: AsyncSession, connections: Sequence[tuple[str, str, datetime]]) -> None:

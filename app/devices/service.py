@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from datetime import UTC, datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -159,15 +159,10 @@ async def reconcile_broker_users(sessions: Sessions, admin: BrokerAdmin) -> tupl
     return len(wanted - present), len(present - wanted)
 
 
-async def device_connected(sessions: Sessions, connection: str, device_id: str, at: datetime) -> None:
+async def apply_connection_events(sessions: Sessions, events: Sequence[repo.ConnectionEvent]) -> None:
+    """The broker's connection events, in their order, in one transaction."""
     async with sessions() as session:
-        if await repo.connection_opened(session, connection, device_id, at):
-            await session.commit()
-
-
-async def connection_closed(sessions: Sessions, connection: str, at: datetime) -> None:
-    async with sessions() as session:
-        await repo.connection_closed(session, connection, at)
+        await repo.apply_connection_events(session, events)
         await session.commit()
 
 

@@ -184,3 +184,17 @@ async def test_cancelled_call_leaves_nothing_pending() -> None:
     with pytest.raises(asyncio.CancelledError):
         await call
     assert channel.pending == 0
+
+
+@pytest.mark.asyncio
+async def test_until_answered_waits_longer_before_each_copy() -> None:
+    broker = FakeBroker()
+    channel = make_channel(broker, timeout=0.2, max_timeout=0.2, attempts=1)
+    call = asyncio.create_task(channel.call("hello", until_answered=True))
+    await broker.wait_sent(1)
+    # An ordinary call would have sent its copy after 0.2 s; this one waits 0.6 s.
+    await asyncio.sleep(0.3)
+    assert len(broker.sent) == 1
+    await broker.wait_sent(2)
+    channel.handle_reply(orjson.dumps({"id": broker.sent[0][1]["id"], "result": {}}))
+    assert await call == {}

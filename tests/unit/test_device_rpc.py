@@ -1,11 +1,20 @@
-"""Pure parsing of device requests: every broken message must yield a clear `invalid` answer."""
+"""Pure parts of device requests: a broken message yields a clear `invalid` answer; replies kept for copies."""
 
 from __future__ import annotations
 
 import orjson
 import pytest
 
-from app.device_rpc import MAX_REQUEST_BYTES, RequestRejected, encode_reply, parse_request, queue_for
+from app.device_rpc import (
+    ANSWERING,
+    MAX_REQUEST_BYTES,
+    REPLY_MEMORY_MAX_BYTES,
+    RecentReplies,
+    RequestRejected,
+    encode_reply,
+    parse_request,
+    queue_for,
+)
 from swarm_device.protocol import ErrorCode, ResultParams
 
 
@@ -55,3 +64,27 @@ def test_queue_per_route_binds_path_parameters_as_wildcards() -> None:
     assert queue.routing_key == "dev.*.up.rpc.tasks.*.result"
     assert queue.arguments is not None
     assert queue.arguments["x-dead-letter-exchange"] == "swarm.dead-letter"
+
+
+def test_recent_replies_mark_answer_and_expire() -> None:
+    now = [0.0]
+    recent = RecentReplies(ttl_s=60, size=10, clock=lambda: now[0])
+    key = ("hello", "d1", "r1")
+    assert recent.get(key) is None
+    recent.answering(key)
+    assert recent.get(key) == ANSWERING
+    recent.answered(key, b'{"id": "r1", "result": null}')
+    assert recent.get(key) == b'{"id": "r1", "result": null}'
+    assert recent.get(("state", "d1", "r1")) is None  # another route, another request
+    now[0] = 61.0
+    assert recent.get(key) is None
+
+
+def test_recent_replies_keep_the_newest_and_not_large_replies() -> None:
+    recent = RecentReplies(ttl_s=60, size=2)
+    for n in range(3):
+        recent.answered(("hello", "d1", f"r{n}"), b"{}")
+    assert [recent.get(("hello", "d1", f"r{n}")) for n in range(3)] == [None, b"{}", b"{}"]
+    recent.answering(("tasks/next", "d1", "big"))
+    recent.answered(("tasks/next", "d1", "big"), b"x" * (REPLY_MEMORY_MAX_BYTES + 1))
+    assert recent.get(("tasks/next", "d1", "big")) is None
