@@ -125,6 +125,7 @@ async def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
                 concurrency=int(args.concurrency),
                 duration_s=args.intake_seconds,
                 headers=_headers(args),
+                app_pids=app.pids(),
                 progress=progress,
             )
             ceiling = results["raw"]["postgres_insert_commit"]["per_s"]
@@ -134,6 +135,7 @@ async def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
                 concurrency=int(args.concurrency),
                 duration_s=args.intake_seconds,
                 headers=_headers(args),
+                app_pids=app.pids(),
                 progress=progress,
             )
             floor["intake_ratio"] = round(results["intake"]["persisted_per_s"] / floor["per_s"], 3)
@@ -307,6 +309,12 @@ def print_table(results: dict[str, Any]) -> None:
             )
         )
         rows.append(("intake: answer p50/p99", f"{lat['p50']} / {lat['p99']} ms; errors {it['errors'] or 0}"))
+        rows.append(
+            (
+                "intake: app CPU per request",
+                f"{it['app_cpu_ms_per_task']} ms a task, {floor['app_cpu_ms_per_request']} ms per GET /healthz",
+            )
+        )
         batch = it["batch"]
         rows.append(
             (

@@ -17,6 +17,7 @@ import asyncpg
 import orjson
 
 from app.settings import Settings
+from bench.env import cpu_seconds
 from bench.fleet import insert_devices, provision_broker_users
 from bench.http import HttpConnection
 from bench.progress import Progress, percentiles_ms
@@ -86,6 +87,7 @@ async def run(
     concurrency: int,
     duration_s: float,
     headers: dict[str, str],
+    app_pids: list[int],
     progress: Progress,
 ) -> dict[str, Any]:
     """Intake on the devices that `prepare` made."""
@@ -96,8 +98,10 @@ async def run(
         return conn.post_json(f"/api/v1/devices/{device}/tasks", {"method": "echo", "params": {}})
 
     started = time.monotonic()
+    cpu_before = cpu_seconds(app_pids)
     async with progress.ticking("intake", lambda: f"{tally.counted} tasks created, errors {tally.errors or 0}"):
         persisted_s = await closed_loop(base_port, headers, concurrency, duration_s, create, lambda _: 1, tally)
+    app_cpu_s = cpu_seconds(app_pids) - cpu_before
     noticed_s = await _until_all_noticed(dsn, started, progress)
     return {
         "concurrency": concurrency,
@@ -108,11 +112,25 @@ async def run(
         "noticed_per_s": round(tally.counted / noticed_s, 1) if noticed_s else 0.0,
         "all_noticed_after_s": round(noticed_s, 2) if noticed_s else None,
         "answer_latency_ms": percentiles_ms(tally.latencies),
+        "app_cpu_ms_per_task": _per_answer_ms(app_cpu_s, tally),
     }
 
 
+def _per_answer_ms(cpu_s: float, tally: Tally) -> float | None:
+    """CPU per answered request: less noisy than a rate on a shared box (all the app's processes,
+    its background work during the loop included)."""
+    answered = tally.counted + sum(tally.errors.values())
+    return round(cpu_s * 1000 / answered, 3) if answered else None
+
+
 async def http_floor(
-    base_port: int, *, concurrency: int, duration_s: float, headers: dict[str, str], progress: Progress
+    base_port: int,
+    *,
+    concurrency: int,
+    duration_s: float,
+    headers: dict[str, str],
+    app_pids: list[int],
+    progress: Progress,
 ) -> dict[str, Any]:
     """The same clients against the liveness probe (no database, no broker): what the HTTP stack
     alone answers on this box with these workers, the most intake could reach."""
@@ -121,14 +139,17 @@ async def http_floor(
     def probe(conn: HttpConnection, _number: int, _sent: int) -> Awaitable[tuple[int, bytes]]:
         return conn.get("/healthz")
 
+    cpu_before = cpu_seconds(app_pids)
     async with progress.ticking("intake", lambda: f"HTTP floor: {tally.counted} GET /healthz answered"):
         elapsed = await closed_loop(base_port, headers, concurrency, duration_s, probe, lambda _: 1, tally)
+    app_cpu_s = cpu_seconds(app_pids) - cpu_before
     return {
         "concurrency": concurrency,
         "answered": tally.counted,
         "errors": tally.errors,
         "per_s": round(tally.counted / elapsed, 1),
         "answer_latency_ms": percentiles_ms(tally.latencies),
+        "app_cpu_ms_per_request": _per_answer_ms(app_cpu_s, tally),
     }
 
 

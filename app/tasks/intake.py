@@ -5,9 +5,10 @@ A request hands its row over and awaits its own outcome; it is answered only aft
 that holds its row. A writer takes whatever is waiting when it becomes free (no timer: an idle
 process writes a lone request at once), inserts it with one statement and commits. A few writers
 run at a time, so one batch's commit (its fsync) does not leave the process idle while more
-requests arrive. Rows the statement left out (unknown or revoked device, Idempotency-Key already
-used) and every row of a batch that failed for another reason than an outage are written again
-one by one, so one bad row fails only its own request.
+requests arrive. The INSERT runs in autocommit: it is its own transaction, committed when it
+returns, so a batch is one round trip. Rows the statement left out (unknown or revoked device,
+Idempotency-Key already used) and every row of a batch that failed for another reason than an
+outage are written again one by one, so one bad row fails only its own request.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.db import autocommit
 from app.devices import repository as device_repo
 from app.errors import Conflict, NotFound, Unavailable, is_infrastructure_error
 from app.tasks import repository as repo
@@ -87,8 +89,8 @@ class IntakeBatcher:
     async def _write(self, batch: list[_Waiting]) -> None:
         try:
             async with self._sessions() as session:
+                await autocommit(session)
                 inserted = await repo.insert_tasks(session, [w.task for w in batch])
-                await session.commit()
         except Exception as exc:
             if is_infrastructure_error(exc):
                 for waiting in batch:
@@ -109,8 +111,8 @@ class IntakeBatcher:
         task = waiting.task
         try:
             async with self._sessions() as session:
+                await autocommit(session)
                 if await repo.insert_tasks(session, [task]):
-                    await session.commit()
                     self._created(waiting)
                     return
                 _settle(waiting, await _not_inserted(session, task))

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.db import autocommit
 from app.errors import Conflict, InvalidInput, NotFound
 from app.settings import TaskSettings
 from app.tasks import repository as repo
@@ -142,19 +143,13 @@ async def cancel_task(sessions: Sessions, notifier: Notifier, task_id: uuid.UUID
 async def next_task(sessions: Sessions, device_id: str) -> TaskRead | None:
     """The device's current task: its IN_PROGRESS one, else the next pending one (handed out now)."""
     async with sessions() as session:
-        await _autocommit(session)
+        await autocommit(session)
         try:
             task = await repo.current_or_claim(session, device_id)
         except IntegrityError:
             # Another consumer handed out a task to this device at the same moment: show that one.
             task = await repo.in_progress_task(session, device_id)
     return to_read(task) if task is not None else None
-
-
-async def _autocommit(session: AsyncSession) -> None:
-    """Let each statement of this session commit on its own: a device request that is one
-    statement then costs one database round trip instead of three (BEGIN, statement, COMMIT)."""
-    await session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
 
 
 async def _locked_task_of(session: AsyncSession, device_id: str, task_id: uuid.UUID) -> Task:
@@ -178,7 +173,7 @@ async def report_progress(sessions: Sessions, device_id: str, task_id: uuid.UUID
 async def report_result(sessions: Sessions, device_id: str, task_id: uuid.UUID, params: ResultParams) -> TaskRead:
     status = TaskStatus(params.status)
     async with sessions() as session:
-        await _autocommit(session)
+        await autocommit(session)
         finished = await repo.finish_in_progress(session, device_id, task_id, status, params.result, params.error)
     if finished is not None:
         return to_read(finished)

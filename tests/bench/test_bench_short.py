@@ -24,6 +24,8 @@ SECTIONS = {
         "answer_latency_ms.p50",
         "batch.persisted_per_s",
         "http_floor.per_s",
+        "app_cpu_ms_per_task",
+        "http_floor.app_cpu_ms_per_request",
     ],
     "roundtrip": ["completed", "achieved_per_s", "latency_ms.p50", "latency_ms.p99"],
     "scale": ["tasks", "devices", "next_empty_ms.p50", "next_loaded_ms.p50"],

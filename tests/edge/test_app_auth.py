@@ -67,3 +67,8 @@ async def test_openapi_shows_the_bearer_scheme_on_the_api_only(app_client: httpx
     assert spec["paths"]["/api/v1/tasks"]["get"]["security"] == [{"HTTPBearer": ["tasks:read"]}]
     assert spec["paths"]["/api/v1/devices"]["post"]["security"] == [{"HTTPBearer": ["devices:admin"]}]
     assert "security" not in spec["paths"]["/healthz"]["get"]
+    # No API route is left unguarded: its checker is what lists it (app/dependencies.py).
+    for path, operations in spec["paths"].items():
+        if path.startswith("/api/v1/"):
+            for method, operation in operations.items():
+                assert operation["security"][0]["HTTPBearer"], f"{method} {path}"
