@@ -2,11 +2,11 @@
 
 The simulator connects `target` devices at `connect_rate` per second; once all are up (or none
 joined for a while) the fleet is held and the lowest connected count seen is what "stayed".
-Memory per device is the growth of the broker node (its live Erlang memory total from the management API), of the
-app processes and of the simulator processes (RSS), divided by the devices connected. CPU per
-connect is each component's CPU time while the fleet connected (and said hello), divided by the
-devices connected: on a shared box it tells which component runs out first, where the connect
-rate alone does not. CPU while holding is each component's share of a core during the hold.
+Memory per device is the growth of the broker node (its live Erlang memory total, from the
+management API), of the app processes and of the simulator processes (RSS), divided by the devices
+connected. CPU per connect is each component's CPU time while the fleet connected (and said
+hello), divided by the devices connected: on a shared box it tells which component runs out first,
+where the connect rate alone does not. CPU while holding is each component's share of a core during the hold.
 """
 
 from __future__ import annotations
