@@ -8,7 +8,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+<<<<<<< HEAD
 from sqlalchemy import ARRAY, String, any_, bindparam, delete, func, select, text, update
+=======
+from sqlalchemy import delete, func, select, update
+>>>>>>> perf3-batch
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -162,13 +166,6 @@ async def replace_connections(session: AsyncSession, connections: Sequence[tuple
         .values(online=False, updated_at=func.now())
     )
     await session.execute(update(Device).where(Device.id.in_(online)).values(online=True, updated_at=func.now()))
-
-
-async def active_ids_among(session: AsyncSession, device_ids: Sequence[str]) -> set[str]:
-    # One array parameter, not one parameter per id: a batch may name more ids than a statement takes.
-    ids = bindparam("device_ids", list(device_ids), type_=ARRAY(String))
-    stmt = select(Device.id).where(Device.id == any_(ids), Device.revoked_at.is_(None))
-    return set((await session.execute(stmt)).scalars())
 
 
 async def set_desired_config(session: AsyncSession, device_id: str, desired: dict[str, Any]) -> None:

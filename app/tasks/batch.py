@@ -1,19 +1,21 @@
 """Batch dispatch: one task for each of many devices, in one transaction, notices in bulk.
 
-The tasks are inserted with one INSERT ... SELECT (the audit trigger writes their first events),
-committed, and only then handed to the notifier's bulk lane (sent after single tasks' notices),
-which publishes with confirms in flight and marks them SENT in bulk. An Idempotency-Key names the
-batch: the same key and body answer the same batch, another body is a conflict.
+The tasks are inserted with one INSERT ... SELECT joined to the devices that exist and are not
+revoked (the audit trigger writes their first events): if a device is missing from its answer, the
+batch is rolled back and refused. Then committed, and only then handed to the notifier's bulk lane
+(sent after single tasks' notices), which publishes with confirms in flight and marks them SENT in
+bulk. An Idempotency-Key names the batch: the same key and body answer the same batch, another
+body is a conflict.
 """
 
 from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from typing import NoReturn
 
 from sqlalchemy.exc import IntegrityError
 
-from app.devices import repository as device_repo
 from app.errors import Conflict, InvalidInput
 from app.settings import TaskSettings
 from app.tasks import repository as repo
@@ -60,14 +62,11 @@ async def create_batch(
     async with sessions() as session:
         if idempotency_key is not None and (earlier := await repo.get_batch_by_key(session, idempotency_key)):
             return _replayed(earlier, hashed, tasks_path), False
-        known = await device_repo.active_ids_among(session, body.device_ids)
-        if unknown := [d for d in body.device_ids if d not in known]:
-            raise InvalidInput(
-                f"{len(unknown)} device(s) do not exist or are revoked; no task was created",
-                unknown_device_ids=unknown[:MAX_LISTED_UNKNOWN],
-            )
         try:
             created = await repo.insert_batch_tasks(session, batch, template, body.device_ids)
+            if len(created) < len(body.device_ids):
+                await session.rollback()
+                _refuse_unknown(body.device_ids, created)
             await session.commit()
         except IntegrityError:
             if idempotency_key is None:
@@ -80,6 +79,15 @@ async def create_batch(
             return _replayed(earlier, hashed, tasks_path), False
     notifier.tasks_queued_in_bulk(created)
     return to_read(batch, tasks_path), True
+
+
+def _refuse_unknown(device_ids: list[str], created: list[tuple[uuid.UUID, str]]) -> NoReturn:
+    made = {device_id for _, device_id in created}
+    unknown = [d for d in device_ids if d not in made]
+    raise InvalidInput(
+        f"{len(unknown)} device(s) do not exist or are revoked; no task was created",
+        unknown_device_ids=unknown[:MAX_LISTED_UNKNOWN],
+    )
 
 
 def _replayed(batch: TaskBatch, hashed: str, tasks_path: str) -> TaskBatchRead:

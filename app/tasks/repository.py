@@ -25,6 +25,7 @@ from sqlalchemy import (
     literal_column,
     or_,
     select,
+    table,
     text,
     tuple_,
     update,
@@ -379,17 +380,22 @@ async def get_batch_by_key(session: AsyncSession, key: str) -> TaskBatch | None:
 async def insert_batch_tasks(
     session: AsyncSession, batch: TaskBatch, template: NewTask, device_ids: list[str]
 ) -> list[tuple[uuid.UUID, str]]:
-    """One task per device, copied from `template`, in one INSERT ... SELECT FROM unnest(...);
-    returns the (task id, device id) pairs."""
+    """One task per device that exists and is not revoked, copied from `template`, in one
+    INSERT ... SELECT FROM unnest(...) JOIN devices; returns the (task id, device id) pairs."""
     session.add(batch)
     await session.flush()
     copied = ("method", "params", "priority", "max_attempts", "timeout_s", "expires_at", "notice_due_at")
-    device_id = func.unnest(bindparam("device_ids", device_ids, type_=ARRAY(String))).column_valued("device_id")
+    named = (
+        func.unnest(bindparam("device_ids", device_ids, type_=ARRAY(String)))
+        .table_valued("device_id")
+        .render_derived("r")
+    )
+    devices = table("devices", column("id", String), column("revoked_at"))
     rows = select(
         func.gen_random_uuid(),
-        device_id,
+        devices.c.id,
         literal(batch.id, type_=Uuid),
         *(literal(getattr(template, name), type_=Task.__table__.c[name].type) for name in copied),
-    )
+    ).join_from(named, devices, and_(devices.c.id == named.c.device_id, devices.c.revoked_at.is_(None)))
     stmt = insert(Task).from_select(["id", "device_id", "batch_id", *copied], rows).returning(Task.id, Task.device_id)
     return [(row.id, row.device_id) for row in await session.execute(stmt)]

@@ -1,5 +1,6 @@
-"""Migrations on a database of their own: no trigger notifies at head, and the downgrade of
-7a0c0e1d2b01 restores the notify triggers exactly as they were."""
+"""Migrations on a database of their own: no trigger notifies at head, the downgrade of
+7a0c0e1d2b01 restores the notify triggers exactly as they were, and that of b3a7c1e0d204 the
+foreign keys of tasks."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from app.settings import Settings
 from tests.conftest import ROOT
 
 BEFORE_POLLING = "0fe196a2d66f"
+BEFORE_CHECKS_PER_STATEMENT = "7a0c0e1d2b03"
 DATABASE = "swarm_test_migrations"
 
 Schema = tuple[dict[str, str], dict[str, str]]
@@ -65,3 +67,34 @@ async def test_no_trigger_notifies_and_the_downgrade_restores_them(scratch_url: 
 
     assert await migrate(scratch_url, "downgrade", BEFORE_POLLING) == before
     assert "pg_notify('swarm_task_final'" in before[1]["tasks_record_event"]
+
+
+async def foreign_keys_of_tasks(url: URL) -> set[str]:
+    conn = await asyncpg.connect(url.set(drivername="postgresql").render_as_string(hide_password=False))
+    try:
+        rows = await conn.fetch(
+            "SELECT conname FROM pg_constraint WHERE conrelid = 'tasks'::regclass AND contype = 'f'"
+        )
+    finally:
+        await conn.close()
+    return {row["conname"] for row in rows}
+
+
+async def test_the_downgrade_of_b3a7c1e0d204_restores_the_foreign_keys_of_tasks(scratch_url: URL) -> None:
+    before = await migrate(scratch_url, "upgrade", BEFORE_CHECKS_PER_STATEMENT)
+    keys_before = await foreign_keys_of_tasks(scratch_url)
+    triggers, functions = await migrate(scratch_url, "upgrade", "head")
+
+    assert not await foreign_keys_of_tasks(scratch_url)
+    assert {"tasks_check_parents", "tasks_keep_references", "devices_stay", "task_batches_stay"} <= triggers.keys()
+    assert "enable_seqscan TO 'off'" in functions["tasks_record_inserted"]
+
+    assert await migrate(scratch_url, "downgrade", BEFORE_CHECKS_PER_STATEMENT) == before
+    assert (
+        await foreign_keys_of_tasks(scratch_url)
+        == keys_before
+        == {
+            "fk_tasks_device_id_devices",
+            "fk_tasks_batch_id_task_batches",
+        }
+    )
