@@ -13,7 +13,7 @@ from collections import Counter
 import httpx
 from faststream.rabbit import RabbitBroker
 
-from app.broker import DEAD_LETTER_QUEUE, create_broker
+from app.broker import DEAD_LETTER_QUEUE, ConfirmedPublisher, create_broker
 from app.device_rpc import DELIVERY_LIMIT, DeviceRequest, DeviceRpcRouter, queue_for
 from app.settings import Settings
 from swarm_device.protocol import WireModel
@@ -49,7 +49,8 @@ async def test_a_failing_message_is_retried_answered_and_dead_lettered(
 ) -> None:
     creds = await enrol_device("poison")
     broker = create_broker(settings.broker)
-    rpc = DeviceRpcRouter(broker)
+    replies = ConfirmedPublisher(settings.broker, name="poison test replies")
+    rpc = DeviceRpcRouter(replies)
     calls: Counter[str] = Counter()
 
     @rpc.method(METHOD, Empty)
@@ -84,5 +85,6 @@ async def test_a_failing_message_is_retried_answered_and_dead_lettered(
                 assert "x-death" in headers or "x-first-death-reason" in headers, headers
     finally:
         await broker.stop()
+        await replies.close()
         async with core_broker(settings.broker) as cleanup:
             await (await cleanup.declare_queue(queue_for(METHOD))).delete(if_unused=False, if_empty=False)
