@@ -85,7 +85,7 @@ class ConfirmedPublisher:
     """A dedicated AMQP connection with one confirm channel, for many publishes in flight.
 
     It calls aiormq directly: through FastStream and aio-pika the same confirmed publish costs
-    about 1.7x the client CPU (decision 19). Publishes are mandatory, persistent JSON,
+    about 1.7x the client CPU (decisions 19, 22). Publishes are mandatory, persistent JSON,
     confirmed by the broker. A lost connection is opened again on a later publish, at most
     once per `retry_after_s`; meanwhile publishes raise `BrokerUnavailable`.
     """
