@@ -2,7 +2,7 @@
 
 The up-topics are the device RPC subscribers (app/device_rpc.py, titled with their MQTT topics);
 the down-topics are declared here as publishers, for the document only: the core sends on them
-through `app.broker.publish_to_device` (and config over MQTT, see app/devices/config.py).
+through `app.broker.ConfirmedPublisher` (and config over MQTT, see app/devices/config.py).
 """
 
 from __future__ import annotations

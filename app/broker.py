@@ -1,7 +1,6 @@
-"""The RabbitBroker factory and the ways the core publishes to a device's topics.
-
-`publish_to_device` goes through the FastStream broker (one message at a time); the
-`ConfirmedPublisher` is a dedicated connection for many publishes in flight (the notices).
+"""The RabbitBroker factory (it consumes) and `ConfirmedPublisher`, through which the core
+publishes to devices' topics: the notices and the replies to device requests, each on a
+connection of its own with many publishes in flight.
 """
 
 from __future__ import annotations
@@ -59,34 +58,6 @@ async def declare_dead_letter_path(broker: RabbitBroker) -> None:
     await queue.bind(exchange, routing_key="")
 
 
-async def publish_to_device(
-    broker: RabbitBroker,
-    topic: str,
-    body: bytes,
-    *,
-    message_id: str,
-    correlation_id: str | None = None,
-    routing_key: str | None = None,
-) -> bool:
-    """Publish with a broker confirm; True if a device queue took it, False if nobody subscribes.
-
-    Raises when the broker did not confirm (connection lost, timeout): the caller keeps the
-    database as the truth and retries later.
-    """
-    result = await broker.publish(
-        body,
-        exchange=AMQ_TOPIC,
-        routing_key=routing_key or to_routing_key(topic),
-        mandatory=True,
-        persist=True,
-        message_id=message_id,
-        correlation_id=correlation_id,
-        content_type="application/json",
-        timeout=PUBLISH_TIMEOUT_S,
-    )
-    return isinstance(result, Basic.Ack)
-
-
 class BrokerUnavailable(Exception):
     """The publisher has no connection now; it tries again on a later publish."""
 
@@ -97,24 +68,32 @@ class NotConfirmed(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
-    """One message to a device's topic, identified by `message_id` (unique among those in flight)."""
+    """One message to a device's topic, identified by `message_id` (unique among those in flight
+    on one publisher: aiormq matches a returned message to its publish by this id).
+
+    `routing_key`, if given, is used instead of the topic's (an MQTT 5 Response Topic).
+    """
 
     topic: str
     body: bytes
     message_id: str
+    correlation_id: str | None = None
+    routing_key: str | None = None
 
 
 class ConfirmedPublisher:
     """A dedicated AMQP connection with one confirm channel, for many publishes in flight.
 
     It calls aiormq directly: through FastStream and aio-pika the same confirmed publish costs
-    about 1.7x the client CPU (decision 19). Publishes are mandatory, persistent JSON,
-    like `publish_to_device`. A lost connection is opened again on a later publish, at most
+    about 1.7x the client CPU (decisions 19, 24). Publishes are mandatory, persistent JSON,
+    confirmed by the broker. A lost connection is opened again on a later publish, at most
     once per `retry_after_s`; meanwhile publishes raise `BrokerUnavailable`.
     """
 
-    def __init__(self, settings: BrokerSettings, *, retry_after_s: float = 1.0) -> None:
-        self._url = URL(settings.url).update_query(auth="EXTERNAL", name="swarm-core publisher")
+    def __init__(
+        self, settings: BrokerSettings, *, name: str = "swarm-core publisher", retry_after_s: float = 1.0
+    ) -> None:
+        self._url = URL(settings.url).update_query(auth="EXTERNAL", name=name)
         self._tls = tls_context(settings)
         self._retry_after_s = retry_after_s
         self._connection: AbstractConnection | None = None
@@ -181,12 +160,15 @@ class ConfirmedPublisher:
 
 async def _publish_on(channel: AbstractChannel, message: Outgoing) -> bool:
     properties = Basic.Properties(
-        content_type="application/json", delivery_mode=PERSISTENT, message_id=message.message_id
+        content_type="application/json",
+        delivery_mode=PERSISTENT,
+        message_id=message.message_id,
+        correlation_id=message.correlation_id,
     )
     confirmation = await channel.basic_publish(
         message.body,
         exchange=AMQ_TOPIC.name,
-        routing_key=to_routing_key(message.topic),
+        routing_key=message.routing_key or to_routing_key(message.topic),
         properties=properties,
         mandatory=True,
     )

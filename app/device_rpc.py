@@ -4,16 +4,18 @@
 `amq.topic` with `dev.*.up.rpc.tasks.*.result`; path parameters (always `device_id`, plus those
 of the pattern) come from the routing key, which RabbitMQ's topic ACL makes trustworthy. The
 handler gets a typed request and returns a pydantic model (or None); the wrapper publishes it as
-the reply on `dev/{id}/down/rpc`.
+the reply on `dev/{id}/down/rpc` through the replies' own `ConfirmedPublisher`, and acknowledges
+the request once the broker confirmed the reply.
 
 What can go wrong with a message, and what happens:
 - not JSON, not an envelope, params of the wrong shape, too large: an `invalid` error reply;
 - an expected problem (AppError: not_found, conflict...): an error reply with its code;
-- the database or broker unreachable: the message is held and retried until they are back;
+- the database or broker unreachable: the message is held and retried until they are back (the
+  reply too: it is published again until the broker confirms it);
 - anything else (a bug): redelivered up to the queue's delivery limit, then an `internal`
   error reply and the message is dead-lettered to `swarm.dead-letter`; the consumer lives on.
 
-A device re-sends an unanswered request with the same id (the SDK after 10, 20, 40, 60 s). A copy
+A device re-sends an unanswered request with the same id (the SDK after 10 s or more). A copy
 of a request this process is answering is acknowledged without a reply (the first one's reply
 answers it); a copy of one it answered in the last minutes gets the same reply again, without
 running the handler (decision 22).
@@ -22,6 +24,7 @@ running the handler (decision 22).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
 import time
@@ -33,13 +36,13 @@ from typing import Annotated, Any, Generic, TypeVar
 import orjson
 from faststream import AckPolicy
 from faststream._internal.context import Context
-from faststream.rabbit import QueueType, RabbitBroker, RabbitQueue, RabbitRouter
+from faststream.rabbit import QueueType, RabbitQueue, RabbitRouter
 from faststream.rabbit.message import RabbitMessage as IncomingMessage
 from pydantic import BaseModel, ValidationError
 
 from app import metrics
-from app.broker import AMQ_TOPIC, DEAD_LETTER_EXCHANGE, publish_to_device
-from app.errors import AppError, until_infrastructure_answers
+from app.broker import AMQ_TOPIC, DEAD_LETTER_EXCHANGE, ConfirmedPublisher, Outgoing
+from app.errors import AppError, back_off, until_infrastructure_answers
 from app.storable_json import NUL_REFUSED, contains_nul
 from swarm_device.protocol import REQUEST_ID_MAX_LENGTH, ErrorCode, Request, reply_topic
 
@@ -202,9 +205,12 @@ class RecentReplies:
 class DeviceRpcRouter:
     """Registers device methods on a FastStream RabbitRouter."""
 
-    def __init__(self, broker: RabbitBroker, max_concurrency: int = 16) -> None:
+    def __init__(self, publisher: ConfirmedPublisher, max_concurrency: int = 16) -> None:
         self.router = RabbitRouter()
-        self._broker = broker
+        self._publisher = publisher
+        # Reply message ids: unique among the publisher's messages in flight (a device may send
+        # the same request id twice, e.g. a retried hello, before the first reply is confirmed).
+        self._reply_numbers = itertools.count()
         self._in_flight: set[asyncio.Task[None]] = set()
         # Requests beyond what the database pool serves at once wait here, not for a pooled
         # connection (whose timeout would count as a database outage and back off).
@@ -245,7 +251,7 @@ class DeviceRpcRouter:
         try:
             await self._handle(message, pattern, handler, params_model)
         except Exception:
-            # Only the reply publish or the ack can fail here (broker gone): the message stays
+            # Only the ack (or a nack) can fail here (broker gone): the message stays
             # unacknowledged and comes back when the channel is re-established.
             log.exception(
                 "request from %s could not be answered; it will be redelivered", message.path.get("device_id")
@@ -308,14 +314,24 @@ class DeviceRpcRouter:
         # MQTT 5 Response Topic arrives as reply_to; honour it only inside the device's own down-topics.
         own_prefix = f"dev.{device_id}.down."
         routing_key = message.reply_to if message.reply_to.startswith(own_prefix) else None
-        await publish_to_device(
-            self._broker,
+        reply = Outgoing(
             reply_topic(device_id),
             body,
-            message_id=message.message_id,
+            message_id=f"{device_id}:{next(self._reply_numbers)}",
             correlation_id=message.correlation_id if routing_key else None,
             routing_key=routing_key,
         )
+        delay = 0.2
+        while True:
+            try:
+                await self._publisher.publish(reply)
+                return
+            except Exception as exc:
+                # The publisher's connection is not the consumer's: a request whose reply cannot
+                # be published now is held (unacknowledged), not left behind, until the broker
+                # confirms the reply.
+                log.warning("the reply to %s was not confirmed (%r); publishing it again", device_id, exc)
+                delay = await back_off(delay)
 
 
 def _deliveries(message: RabbitMessage) -> int:

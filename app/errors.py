@@ -121,8 +121,13 @@ async def until_infrastructure_answers(call: Callable[[], Awaitable[T]], what: s
             if not is_infrastructure_error(exc):
                 raise
             log.warning("%s failed on infrastructure (%r); retrying", what, exc)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            delay = await back_off(delay)
+
+
+async def back_off(delay: float) -> float:
+    """Sleep `delay`; the next delay (doubled, at most 5 s)."""
+    await asyncio.sleep(delay)
+    return min(delay * 2, 5.0)
 
 
 def problem(status: int, title: str, detail: str, instance: str, **extra: Any) -> Response:

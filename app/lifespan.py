@@ -37,13 +37,15 @@ class State(TypedDict):
 
 @contextlib.asynccontextmanager
 async def run_resources(settings: Settings) -> AsyncIterator[Runtime]:
-    """Engine -> sessions -> broker (subscribers) -> publisher, notifier, intake -> scheduler; stop
-    in reverse (the change feed and the waiters run only while requests wait on them)."""
+    """Engine -> sessions -> replies' publisher -> broker (subscribers) -> notices' publisher,
+    notifier, intake -> scheduler; stop in reverse (the change feed and the waiters run only while
+    requests wait on them)."""
     engine = create_engine(settings.database)
     sessions = create_sessionmaker(engine)
     broker = create_broker(settings.broker)
     publisher = ConfirmedPublisher(settings.broker)
-    rpc = DeviceRpcRouter(broker, max_concurrency=settings.database.pool_size)
+    replies = ConfirmedPublisher(settings.broker, name="swarm-core replies")
+    rpc = DeviceRpcRouter(replies, max_concurrency=settings.database.pool_size)
     task_messaging.register(rpc, sessions)
     device_messaging.register(rpc, sessions)
     presence_consumer = presence.register(rpc.router, sessions)
@@ -67,6 +69,7 @@ async def run_resources(settings: Settings) -> AsyncIterator[Runtime]:
     )
     scheduler = create_scheduler(runtime)
     try:
+        await replies.connect()
         await broker.connect()
         await declare_dead_letter_path(broker)
         await broker.start()
@@ -86,6 +89,7 @@ async def run_resources(settings: Settings) -> AsyncIterator[Runtime]:
         await runtime.notifier.stop()
         await publisher.close()
         await broker.stop()
+        await replies.close()
         await runtime.broker_admin.aclose()
         await engine.dispose()
 

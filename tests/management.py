@@ -13,14 +13,14 @@ from app.broker import DEAD_LETTER_QUEUE, create_broker
 from app.settings import BrokerSettings
 
 
-def _client(broker: BrokerSettings) -> httpx.AsyncClient:
+def management_client(broker: BrokerSettings) -> httpx.AsyncClient:
     auth = (broker.management_user, broker.management_password.get_secret_value())
     return httpx.AsyncClient(base_url=broker.management_url, auth=auth, timeout=10)
 
 
 async def rpc_consumers(broker: BrokerSettings) -> dict[str, int]:
     """Consumers per `swarm.rpc.*` queue (the management statistics trail by a few seconds)."""
-    async with _client(broker) as client:
+    async with management_client(broker) as client:
         response = await client.get(f"/api/queues/{broker.devices_vhost}", params={"columns": "name,consumers"})
     response.raise_for_status()
     return {q["name"]: q.get("consumers", 0) for q in response.json() if q["name"].startswith("swarm.rpc.")}

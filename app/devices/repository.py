@@ -8,11 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-<<<<<<< HEAD
-from sqlalchemy import ARRAY, String, any_, bindparam, delete, func, select, text, update
-=======
-from sqlalchemy import delete, func, select, update
->>>>>>> perf3-batch
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 

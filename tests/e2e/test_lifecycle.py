@@ -159,8 +159,9 @@ async def test_cancel_tells_the_device_and_refuses_its_later_result(
     running = await create(app_client, creds.device_id, params={"n": 1})
     waiting = await create(app_client, creds.device_id, params={"n": 2})
     assert (await dev.result(protocol.METHOD_TASKS_NEXT))["id"] == running["id"]
-    while not dev.notices.empty():
-        dev.notices.get_nowait()
+    # Both tasks' queued notices first (they are published after the commit, and may come late).
+    queued = [await dev.next_notice(), await dev.next_notice()]
+    assert {(n["event"], n["task_id"]) for n in queued} == {("task_queued", t["id"]) for t in (running, waiting)}
 
     for task in (running, waiting):
         response = await app_client.post(f"/tasks/{task['id']}/cancel")

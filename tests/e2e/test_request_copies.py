@@ -13,14 +13,13 @@ import asyncio
 import httpx
 
 from app import metrics
-from app.broker import create_broker
-from app.device_rpc import DeviceRequest, DeviceRpcRouter, queue_for
+from app.device_rpc import DeviceRequest
 from app.settings import Settings
 from swarm_device.protocol import WireModel
 from tests.conftest import EnrolDevice
-from tests.management import core_broker
 from tests.polling import eventually
 from tests.raw_device import raw_device
+from tests.standalone_rpc import StandaloneRpc
 
 METHOD = "test/copies"
 
@@ -41,43 +40,35 @@ async def test_copies_of_a_request_are_answered_without_handling_it_again(
     app_client: httpx.AsyncClient, enrol_device: EnrolDevice, settings: Settings
 ) -> None:
     creds = await enrol_device("copies")
-    broker = create_broker(settings.broker)
-    rpc = DeviceRpcRouter(broker)
+    served = StandaloneRpc(settings, "copies")
     handled: list[str] = []
     started, release = asyncio.Event(), asyncio.Event()
 
-    @rpc.method(METHOD, Empty)
+    @served.method(METHOD, Empty)
     async def slow_once(request: DeviceRequest[Empty]) -> Handled:
         handled.append(request.request_id)
         started.set()
         await release.wait()
         return Handled(times=handled.count(request.request_id))
 
-    broker.include_router(rpc.router)
-    await broker.start()
-    try:
-        async with raw_device(settings.broker.mqtt_host, settings.broker.mqtt_port, creds) as dev:
-            before = copies_seen()
-            request = b'{"id": "c1", "params": {}}'
-            await dev.send(METHOD, request)
-            async with asyncio.timeout(10):
-                await started.wait()
-            # A copy while the first is being handled: taken off the queue, not handled.
-            await dev.send(METHOD, request)
-            await eventually(lambda: copies_seen() == before + 1)
-            release.set()
-            first = await dev.reply_to("c1")
-            assert first == {"id": "c1", "result": {"times": 1}}
-            # A copy after the answer: the same reply again, still from one handling.
-            await dev.send(METHOD, request)
-            assert await dev.reply_to("c1") == first
-            assert copies_seen() == before + 2
-            # Another id is a new request.
-            await dev.send(METHOD, b'{"id": "c2", "params": {}}')
-            assert await dev.reply_to("c2") == {"id": "c2", "result": {"times": 1}}
-            assert handled == ["c1", "c2"]
-            assert dev.replies["c1"].empty()
-    finally:
-        await broker.stop()
-        async with core_broker(settings.broker) as cleanup:
-            await (await cleanup.declare_queue(queue_for(METHOD))).delete(if_unused=False, if_empty=False)
+    async with served, raw_device(settings.broker.mqtt_host, settings.broker.mqtt_port, creds) as dev:
+        before = copies_seen()
+        request = b'{"id": "c1", "params": {}}'
+        await dev.send(METHOD, request)
+        async with asyncio.timeout(10):
+            await started.wait()
+        # A copy while the first is being handled: taken off the queue, not handled.
+        await dev.send(METHOD, request)
+        await eventually(lambda: copies_seen() == before + 1)
+        release.set()
+        first = await dev.reply_to("c1")
+        assert first == {"id": "c1", "result": {"times": 1}}
+        # A copy after the answer: the same reply again, still from one handling.
+        await dev.send(METHOD, request)
+        assert await dev.reply_to("c1") == first
+        assert copies_seen() == before + 2
+        # Another id is a new request.
+        await dev.send(METHOD, b'{"id": "c2", "params": {}}')
+        assert await dev.reply_to("c2") == {"id": "c2", "result": {"times": 1}}
+        assert handled == ["c1", "c2"]
+        assert dev.replies["c1"].empty()
