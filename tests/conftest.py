@@ -25,7 +25,7 @@ from starlette.types import ASGIApp
 
 from alembic import command
 from app.auth import Scope, mint_token
-from app.db import asyncpg_dsn, create_engine, create_sessionmaker
+from app.db import Sessions, asyncpg_dsn, create_engine, create_sessionmaker
 from app.devices import service as devices
 from app.devices.broker_admin import BrokerAdmin
 from app.main import create_app
@@ -106,7 +106,7 @@ async def db(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
 
 
 @pytest.fixture
-async def sessions(settings: Settings) -> AsyncIterator[devices.Sessions]:
+async def sessions(settings: Settings) -> AsyncIterator[Sessions]:
     """A session factory of the test database, for calling services past the app."""
     engine = create_engine(settings.database)
     try:

@@ -22,10 +22,11 @@ from cryptography import x509
 
 from app import pki
 from app.broker import tls_context
+from app.db import Sessions
 from app.devices import repository as repo
 from app.devices.models import Device
 from app.devices.schemas import DeviceConfigRead
-from app.devices.service import Sessions, active_device
+from app.devices.service import active_device
 from app.settings import BrokerSettings
 from swarm_device.protocol import config_topic
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from app.db import Sessions
 from app.device_rpc import DeviceRequest, DeviceRpcRouter
 from app.devices import service
-from app.devices.service import Sessions
 from swarm_device.protocol import Device, HelloParams, StateParams, WireModel
 
 

@@ -20,10 +20,10 @@ from faststream import AckPolicy
 from faststream.rabbit import ExchangeType, QueueType, RabbitExchange, RabbitQueue, RabbitRouter
 from faststream.rabbit.schemas import Channel
 
+from app.db import Sessions
 from app.device_rpc import RabbitMessage
 from app.devices import service
 from app.devices.repository import ConnectionEvent
-from app.devices.service import Sessions
 from app.errors import until_infrastructure_answers
 from swarm_device.protocol import DEVICE_ID_RE
 

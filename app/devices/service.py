@@ -7,9 +7,10 @@ import logging
 from collections.abc import Awaitable, Sequence
 from datetime import UTC, datetime
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import pki
+from app.db import Sessions
 from app.devices import repository as repo
 from app.devices.broker_admin import BrokerAdmin
 from app.devices.models import Device, DeviceCertificate
@@ -22,8 +23,6 @@ from swarm_device.protocol import Device as DeviceWire
 from swarm_device.protocol import HelloParams, StateParams
 
 log = logging.getLogger(__name__)
-
-Sessions = async_sessionmaker[AsyncSession]
 
 
 def to_read(device: Device) -> DeviceRead:

@@ -17,14 +17,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Row
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.db import Sessions
 from app.events import repository as repo
 from app.events.feed import ChangeFeed
 from app.events.schemas import EventRead
 from swarm_device.protocol import TaskStatus
-
-Sessions = async_sessionmaker[AsyncSession]
 
 GAP_WAIT_S = 5.0
 READ_LIMIT = 1000

@@ -16,13 +16,14 @@ from typing import NoReturn
 
 from sqlalchemy.exc import IntegrityError
 
+from app.db import Sessions
 from app.errors import Conflict, InvalidInput
 from app.settings import TaskSettings
 from app.tasks import repository as repo
 from app.tasks.models import TaskBatch
 from app.tasks.notifier import Notifier
 from app.tasks.schemas import TaskBatchCreate, TaskBatchRead
-from app.tasks.service import Sessions, new_task, request_hash
+from app.tasks.service import new_task, request_hash
 
 # Unknown device ids named in a refusal, at most.
 MAX_LISTED_UNKNOWN = 100

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import uuid
 
+from app.db import Sessions
 from app.device_rpc import DeviceRequest, DeviceRpcRouter
 from app.errors import NotFound
 from app.tasks import service
 from app.tasks.schemas import TaskRead
-from app.tasks.service import Sessions
 from swarm_device.protocol import ProgressParams, ResultParams, WireModel
 
 

@@ -5,8 +5,9 @@ broker confirms in flight, then marks the confirmed ones in one UPDATE while the
 published. The database stays the truth: a notice that is never confirmed (broker down, process
 killed) keeps its `notice_due_at`, and the periodic job hands it back here.
 
-Two lanes: notices of single tasks, retries and cancels go before bulk (batch) notices, so a
-batch of 100,000 delays a later single task's notice by one window at most, not by its backlog.
+Two lanes: notices of single tasks, retries and cancels go before bulk notices (batches, and
+notices the re-send job hands back), so a batch of 100,000 delays a later single task's notice by
+one window at most, not by its backlog, even once it overflowed into the re-send path.
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ class Lanes:
     def waiting(self) -> int:
         return len(self._urgent) + len(self._bulk)
 
+    def bulk_room(self) -> int:
+        return self._max_pending - len(self._bulk)
+
     def take(self, limit: int) -> list[PendingNotice]:
         taken: list[PendingNotice] = []
         for lane in (self._urgent, self._bulk):
@@ -117,13 +121,18 @@ class Notifier:
         self._submit([PendingNotice(task_id, device_id, "task_canceled")], bulk=False)
 
     def tasks_queued_in_bulk(self, tasks: Iterable[tuple[uuid.UUID, str]]) -> None:
-        """Notices of a batch: sent after every single task's, retry's and cancel's notice."""
+        """Notices of a batch, and those the re-send job hands back: sent after every single
+        task's, retry's and cancel's notice."""
         self._submit((PendingNotice(task_id, device_id, "task_queued") for task_id, device_id in tasks), bulk=True)
 
     def _submit(self, notices: Iterable[PendingNotice], *, bulk: bool) -> None:
         if refused := self._lanes.put(notices, bulk=bulk):
             # Not lost: the tasks keep notice_due_at and the periodic job re-sends them.
             log.warning("notice backlog full; %d notices wait for the re-send job", refused)
+
+    def bulk_room(self) -> int:
+        """How many more bulk notices this process takes now."""
+        return self._lanes.bulk_room()
 
     @property
     def busy(self) -> bool:

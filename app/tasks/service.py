@@ -13,9 +13,9 @@ from datetime import UTC, datetime, timedelta
 import orjson
 from pydantic import BaseModel
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.db import autocommit
+from app.db import Sessions, autocommit
 from app.errors import Conflict, InvalidInput, NotFound
 from app.settings import TaskSettings
 from app.tasks import repository as repo
@@ -27,8 +27,6 @@ from app.tasks.waiters import TaskWaiters
 from swarm_device.protocol import PENDING_STATUSES, ProgressParams, ResultParams, TaskStatus
 
 log = logging.getLogger(__name__)
-
-Sessions = async_sessionmaker[AsyncSession]
 
 
 def to_read(task: Task) -> TaskRead:
@@ -226,13 +224,20 @@ async def expire_pending(sessions: Sessions, batch: int = 500) -> int:
     return len(tasks)
 
 
-async def resend_notices(sessions: Sessions, notifier: Notifier, older_than_s: float, batch: int = 1000) -> int:
-    async with sessions() as session:
-        due = await repo.notices_due(session, older_than_s, batch)
-        await session.commit()
-    for task_id, device_id in due:
-        notifier.task_queued(task_id, device_id)
-    return len(due)
+async def resend_notices(sessions: Sessions, notifier: Notifier, older_than_s: float, chunk: int = 5000) -> int:
+    """Hand the notices never confirmed back to the notifier's bulk lane, as many as it has room
+    for: the overflow of a large batch goes out at the notifier's pace (not a fixed number per run
+    of the job), and behind every fresh single task's notice."""
+    handed_back = 0
+    while (room := min(notifier.bulk_room(), chunk)) > 0:
+        async with sessions() as session:
+            due = await repo.notices_due(session, older_than_s, room)
+            await session.commit()
+        notifier.tasks_queued_in_bulk(due)
+        handed_back += len(due)
+        if len(due) < room:
+            break
+    return handed_back
 
 
 async def wait_until_final(sessions: Sessions, waiters: TaskWaiters, task_id: uuid.UUID, wait_s: float) -> TaskRead:

@@ -11,11 +11,10 @@ import asyncpg
 import httpx
 import pytest
 
-from app.db import create_engine, create_sessionmaker
+from app.db import Sessions, create_engine, create_sessionmaker
 from app.errors import Conflict, NotFound
 from app.settings import Settings
 from app.tasks import service
-from app.tasks.service import Sessions
 from swarm_device.protocol import ResultParams, TaskStatus
 from tests.conftest import unique_device_id
 

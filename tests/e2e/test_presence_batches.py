@@ -14,9 +14,9 @@ from typing import Any, cast
 
 import asyncpg
 
+from app.db import Sessions
 from app.device_rpc import RabbitMessage
 from app.devices.presence import PresenceConsumer
-from app.devices.service import Sessions
 from tests.conftest import unique_device_id
 
 
