@@ -5,27 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 
 import asyncpg
 import httpx
 import pytest
 
-from app.db import Sessions, create_engine, create_sessionmaker
+from app.db import Sessions
 from app.errors import Conflict, NotFound
-from app.settings import Settings
 from app.tasks import service
 from swarm_device.protocol import ResultParams, TaskStatus
 from tests.conftest import unique_device_id
-
-
-@pytest.fixture
-async def sessions(settings: Settings) -> AsyncIterator[Sessions]:
-    engine = create_engine(settings.database)
-    try:
-        yield create_sessionmaker(engine)
-    finally:
-        await engine.dispose()
 
 
 async def new_device(client: httpx.AsyncClient) -> str:
