@@ -4,14 +4,15 @@ The tasks are inserted with one INSERT ... SELECT joined to the devices that exi
 revoked (the audit trigger writes their first events): if a device is missing from its answer, the
 batch is rolled back and refused. Then committed, and only then handed to the notifier's bulk lane
 (sent after single tasks' notices), which publishes with confirms in flight and marks them SENT in
-bulk. An Idempotency-Key names the batch: the same key and body answer the same batch, another
-body is a conflict.
+bulk; their notices are due for a re-send only after the time the lane needs to send them. An
+Idempotency-Key names the batch: the same key and body answer the same batch, another body is a
+conflict.
 """
 
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import NoReturn
 
 from sqlalchemy.exc import IntegrityError
@@ -64,7 +65,8 @@ async def create_batch(
         if idempotency_key is not None and (earlier := await repo.get_batch_by_key(session, idempotency_key)):
             return _replayed(earlier, hashed, tasks_path), False
         try:
-            created = await repo.insert_batch_tasks(session, batch, template, body.device_ids)
+            notice_due_at = batch.created_at + timedelta(seconds=notifier.bulk_lease_s(len(body.device_ids)))
+            created = await repo.insert_batch_tasks(session, batch, template, body.device_ids, notice_due_at)
             if len(created) < len(body.device_ids):
                 await session.rollback()
                 _refuse_unknown(body.device_ids, created)

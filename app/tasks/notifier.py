@@ -32,6 +32,11 @@ log = logging.getLogger(__name__)
 
 NoticeEvent = Literal["task_queued", "task_canceled"]
 
+# What one process publishes at the least (the bench box drains ~1,400 notices/s a process). Bulk
+# notices are due for a re-send only once the lane ahead of them should have drained at this pace:
+# the re-send job of another process must not take notices that are only waiting in this one's.
+BULK_NOTICES_FLOOR_PER_S = 500.0
+
 
 @dataclass(frozen=True, slots=True)
 class PendingNotice:
@@ -80,6 +85,9 @@ class Lanes:
 
     def waiting(self) -> int:
         return len(self._urgent) + len(self._bulk)
+
+    def bulk_waiting(self) -> int:
+        return len(self._bulk)
 
     def bulk_room(self) -> int:
         return self._max_pending - len(self._bulk)
@@ -133,6 +141,11 @@ class Notifier:
     def bulk_room(self) -> int:
         """How many more bulk notices this process takes now."""
         return self._lanes.bulk_room()
+
+    def bulk_lease_s(self, more: int) -> float:
+        """How long `more` bulk notices queued now may take to go out at the floor pace; their
+        tasks' `notice_due_at` is set that far ahead, so no re-send job takes them meanwhile."""
+        return (self._lanes.bulk_waiting() + more) / BULK_NOTICES_FLOOR_PER_S
 
     @property
     def busy(self) -> bool:

@@ -64,10 +64,6 @@ class NewTask:
     idempotency_key: str | None
     request_hash: str | None
 
-    @property
-    def notice_due_at(self) -> datetime:
-        return self.created_at
-
 
 # One statement for any number of tasks: the arrays are columns. Only devices that exist and are
 # not revoked get a row; an Idempotency-Key already used for the device leaves the row out.
@@ -293,8 +289,11 @@ async def mark_noticed(session: AsyncSession, routed: Sequence[uuid.UUID], unrou
             metrics.CREATED_TO_SENT.observe(metrics.seconds_between(created_at, sent_at))
 
 
-async def notices_due(session: AsyncSession, older_than_s: float, limit: int) -> list[tuple[uuid.UUID, str]]:
-    """Tasks whose notice was never confirmed (publish failed, or the process died after commit)."""
+async def notices_due(
+    session: AsyncSession, older_than_s: float, limit: int, lease_s: float = 0.0
+) -> list[tuple[uuid.UUID, str]]:
+    """Tasks whose notice was never confirmed (publish failed, or the process died after commit);
+    their due time moves `lease_s` ahead, the time the caller needs to send them."""
     stmt = (
         select(Task.id, Task.device_id)
         .where(Task.notice_due_at < func.now() - _seconds(older_than_s))
@@ -304,11 +303,11 @@ async def notices_due(session: AsyncSession, older_than_s: float, limit: int) ->
     )
     rows = (await session.execute(stmt)).all()
     if rows:
-        # Push the due time forward so another replica does not send the same notices at once.
+        # Push the due time forward so another replica does not send the same notices meanwhile.
         await session.execute(
             update(Task)
             .where(Task.id.in_([r.id for r in rows]))
-            .values(notice_due_at=func.now())
+            .values(notice_due_at=func.now() + _seconds(lease_s))
             .execution_options(synchronize_session=False)
         )
     return [(r.id, r.device_id) for r in rows]
@@ -378,13 +377,13 @@ async def get_batch_by_key(session: AsyncSession, key: str) -> TaskBatch | None:
 
 
 async def insert_batch_tasks(
-    session: AsyncSession, batch: TaskBatch, template: NewTask, device_ids: list[str]
+    session: AsyncSession, batch: TaskBatch, template: NewTask, device_ids: list[str], notice_due_at: datetime
 ) -> list[tuple[uuid.UUID, str]]:
     """One task per device that exists and is not revoked, copied from `template`, in one
     INSERT ... SELECT FROM unnest(...) JOIN devices; returns the (task id, device id) pairs."""
     session.add(batch)
     await session.flush()
-    copied = ("method", "params", "priority", "max_attempts", "timeout_s", "expires_at", "notice_due_at")
+    copied = ("method", "params", "priority", "max_attempts", "timeout_s", "expires_at")
     named = (
         func.unnest(bindparam("device_ids", device_ids, type_=ARRAY(String)))
         .table_valued("device_id")
@@ -396,6 +395,8 @@ async def insert_batch_tasks(
         devices.c.id,
         literal(batch.id, type_=Uuid),
         *(literal(getattr(template, name), type_=Task.__table__.c[name].type) for name in copied),
+        literal(notice_due_at, type_=Task.__table__.c.notice_due_at.type),
     ).join_from(named, devices, and_(devices.c.id == named.c.device_id, devices.c.revoked_at.is_(None)))
-    stmt = insert(Task).from_select(["id", "device_id", "batch_id", *copied], rows).returning(Task.id, Task.device_id)
+    columns = ["id", "device_id", "batch_id", *copied, "notice_due_at"]
+    stmt = insert(Task).from_select(columns, rows).returning(Task.id, Task.device_id)
     return [(row.id, row.device_id) for row in await session.execute(stmt)]

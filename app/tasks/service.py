@@ -231,7 +231,7 @@ async def resend_notices(sessions: Sessions, notifier: Notifier, older_than_s: f
     handed_back = 0
     while (room := min(notifier.bulk_room(), chunk)) > 0:
         async with sessions() as session:
-            due = await repo.notices_due(session, older_than_s, room)
+            due = await repo.notices_due(session, older_than_s, room, lease_s=notifier.bulk_lease_s(room))
             await session.commit()
         notifier.tasks_queued_in_bulk(due)
         handed_back += len(due)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 import asyncpg
 import orjson
@@ -19,8 +20,9 @@ from faststream.rabbit import RabbitQueue
 from app.broker import AMQ_TOPIC, ConfirmedPublisher
 from app.db import Sessions
 from app.settings import Settings
-from app.tasks import service
-from app.tasks.notifier import Notifier
+from app.tasks import batch, service
+from app.tasks.notifier import BULK_NOTICES_FLOOR_PER_S, Notifier
+from app.tasks.schemas import TaskBatchCreate
 from swarm_device.protocol import notify_topic, to_routing_key
 from tests.conftest import unique_device_id
 from tests.management import core_broker
@@ -139,6 +141,9 @@ async def test_notices_handed_back_fill_the_bulk_lane_behind_fresh_ones(
         handed_back = await service.resend_notices(sessions, notifier, older_than_s=-7200)
         # More than one job run used to take (1,000): as many as the bulk lane has room for.
         assert handed_back >= len(overdue)
+        # Leased for the time the lane needs at the floor pace: no other process's job takes them.
+        leased = await db.fetchval("SELECT min(notice_due_at - now()) FROM tasks WHERE id = ANY($1::uuid[])", overdue)
+        assert leased > timedelta(seconds=len(overdue) / BULK_NOTICES_FLOOR_PER_S)
         [single] = await queued_tasks(db, device_id, 1)
         notifier.task_queued(single, device_id)
         notifier.start()
@@ -149,3 +154,24 @@ async def test_notices_handed_back_fill_the_bulk_lane_behind_fresh_ones(
     # A fresh notice goes before the notices handed back, published within the first window.
     assert received.index(str(single)) < WINDOW
     assert await notice_states(db, device_id) == {("sent", True): len(overdue) + 1}
+
+
+async def test_a_batch_s_notices_are_due_once_the_lane_ahead_should_have_sent_them(
+    settings: Settings, db: asyncpg.Connection, sessions: Sessions, notifier: Notifier
+) -> None:
+    waiting_device = unique_device_id("ahead")
+    notifier.tasks_queued_in_bulk((task_id, waiting_device) for task_id in await queued_tasks(db, waiting_device, BULK))
+    device_ids = [unique_device_id("lease") for _ in range(3)]
+    await db.execute("INSERT INTO devices (id) SELECT unnest($1::text[])", device_ids)
+    body = TaskBatchCreate.model_validate({"method": "echo", "device_ids": device_ids})
+
+    created, _ = await batch.create_batch(sessions, notifier, settings.tasks, body, "/api/v1/tasks")
+
+    leases = await db.fetch(
+        "SELECT t.notice_due_at - b.created_at AS lease FROM tasks t JOIN task_batches b ON b.id = t.batch_id "
+        "WHERE b.id = $1",
+        created.id,
+    )
+    # Its notices queue behind BULK others: due once all of them should have gone out.
+    lease = timedelta(seconds=(BULK + len(device_ids)) / BULK_NOTICES_FLOOR_PER_S)
+    assert [row["lease"] for row in leases] == [lease] * len(device_ids)
