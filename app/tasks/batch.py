@@ -65,7 +65,8 @@ async def create_batch(
         if idempotency_key is not None and (earlier := await repo.get_batch_by_key(session, idempotency_key)):
             return _replayed(earlier, hashed, tasks_path), False
         try:
-            notice_due_at = batch.created_at + timedelta(seconds=notifier.bulk_lease_s(len(body.device_ids)))
+            lease_s = notifier.bulk_lease_s(len(body.device_ids))
+            notice_due_at = batch.created_at + timedelta(seconds=lease_s)
             created = await repo.insert_batch_tasks(session, batch, template, body.device_ids, notice_due_at)
             if len(created) < len(body.device_ids):
                 await session.rollback()
@@ -80,7 +81,7 @@ async def create_batch(
             if earlier is None:
                 raise Conflict("a request with this Idempotency-Key is in flight; retry") from None
             return _replayed(earlier, hashed, tasks_path), False
-    notifier.tasks_queued_in_bulk(created)
+    notifier.tasks_queued_in_bulk(created, leased=lease_s > 0)
     return to_read(batch, tasks_path), True
 
 

@@ -66,14 +66,20 @@ class Lanes:
         self.idle = asyncio.Event()
         self.idle.set()
 
-    def put(self, notices: Iterable[PendingNotice], *, bulk: bool) -> int:
-        """Queue the notices not known yet; returns how many did not fit (the re-send job sends those)."""
+    def put(self, notices: Iterable[PendingNotice], *, bulk: bool, leased: bool = False) -> int:
+        """Queue the notices not known yet; returns how many did not fit (the re-send job sends those).
+
+        Leased notices are taken beyond `max_pending`: no re-send job would send them before their
+        lease runs out. They fitted when leased; other batches may have filled the lane since (by
+        at most the batches in flight).
+        """
         lane = self._bulk if bulk else self._urgent
         refused = 0
         for notice in notices:
             if notice in self._pending:
                 continue
-            if len(lane) >= self._max_pending:  # per lane: a full bulk lane never refuses a single task's
+            # Per lane: a full bulk lane never refuses a single task's notice.
+            if len(lane) >= self._max_pending and not leased:
                 refused += 1
                 continue
             self._pending.add(notice)
@@ -128,13 +134,15 @@ class Notifier:
     def task_canceled(self, task_id: uuid.UUID, device_id: str) -> None:
         self._submit([PendingNotice(task_id, device_id, "task_canceled")], bulk=False)
 
-    def tasks_queued_in_bulk(self, tasks: Iterable[tuple[uuid.UUID, str]]) -> None:
+    def tasks_queued_in_bulk(self, tasks: Iterable[tuple[uuid.UUID, str]], *, leased: bool = False) -> None:
         """Notices of a batch, and those the re-send job hands back: sent after every single
-        task's, retry's and cancel's notice."""
-        self._submit((PendingNotice(task_id, device_id, "task_queued") for task_id, device_id in tasks), bulk=True)
+        task's, retry's and cancel's notice. `leased`: their tasks' notice_due_at was set by
+        `bulk_lease_s`."""
+        notices = (PendingNotice(task_id, device_id, "task_queued") for task_id, device_id in tasks)
+        self._submit(notices, bulk=True, leased=leased)
 
-    def _submit(self, notices: Iterable[PendingNotice], *, bulk: bool) -> None:
-        if refused := self._lanes.put(notices, bulk=bulk):
+    def _submit(self, notices: Iterable[PendingNotice], *, bulk: bool, leased: bool = False) -> None:
+        if refused := self._lanes.put(notices, bulk=bulk, leased=leased):
             # Not lost: the tasks keep notice_due_at and the periodic job re-sends them.
             log.warning("notice backlog full; %d notices wait for the re-send job", refused)
 
@@ -144,7 +152,10 @@ class Notifier:
 
     def bulk_lease_s(self, more: int) -> float:
         """How long `more` bulk notices queued now may take to go out at the floor pace; their
-        tasks' `notice_due_at` is set that far ahead, so no re-send job takes them meanwhile."""
+        tasks' `notice_due_at` is set that far ahead, so no re-send job takes them meanwhile.
+        0 if they do not all fit in the lane: the overflow is for any process's re-send job now."""
+        if more > self._lanes.bulk_room():
+            return 0.0
         return (self._lanes.bulk_waiting() + more) / BULK_NOTICES_FLOOR_PER_S
 
     @property

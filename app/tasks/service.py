@@ -233,7 +233,7 @@ async def resend_notices(sessions: Sessions, notifier: Notifier, older_than_s: f
         async with sessions() as session:
             due = await repo.notices_due(session, older_than_s, room, lease_s=notifier.bulk_lease_s(room))
             await session.commit()
-        notifier.tasks_queued_in_bulk(due)
+        notifier.tasks_queued_in_bulk(due, leased=True)
         handed_back += len(due)
         if len(due) < room:
             break
