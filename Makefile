@@ -57,9 +57,13 @@ lint: ## ruff check, ruff format --check, mypy
 # The benchmark runs on its own stack (own ports, own database swarm_bench), never on dev or test.
 BENCH_STACK ?= bench
 BENCH_PORT_BASE ?= 43000
+# The broker's statistics every minute, not every 5 s: the collectors' CPU grows with the
+# connections (docs/performance.md, Connections). Applies when the stack starts.
+BENCH_STATS_INTERVAL_MS ?= 60000
 
 bench: install ## the full benchmark: prints a table, JSON in bench-results/ (BENCH_ARGS=... to pass options)
-	@$(VENV)/python -m bench --stack $(BENCH_STACK) --port-base $(BENCH_PORT_BASE) $(BENCH_ARGS)
+	@SWARM_BROKER_STATS_INTERVAL_MS=$(BENCH_STATS_INTERVAL_MS) \
+		$(VENV)/python -m bench --stack $(BENCH_STACK) --port-base $(BENCH_PORT_BASE) $(BENCH_ARGS)
 
 bench-short: install ## the benchmark's CI mode (under a minute): checks the harness works, not the speed
 	@$(VENV)/python -m bench --short --stack $(BENCH_STACK) --port-base $(BENCH_PORT_BASE) $(BENCH_ARGS)

@@ -43,7 +43,9 @@ DEFAULTS: dict[str, tuple[float, float]] = {
     "scale_devices": (100_000, 1000),
     "scale_calls": (1000, 30),
     "connections": (10_000, 50),
-    "connect_rate": (250, 100),
+    # This box's broker takes ~50 TLS connects/s; at 250/s its accept queue overflows and the run
+    # measures the collapse of the connect path, not how many devices stay connected.
+    "connect_rate": (50, 100),
     "hold_seconds": (20, 2),
     "sim_processes": (2, 1),
 }
