@@ -12,6 +12,7 @@ from sqlalchemy import (
     ARRAY,
     Boolean,
     ColumnElement,
+    Select,
     String,
     Uuid,
     and_,
@@ -28,10 +29,12 @@ from sqlalchemy import (
     table,
     text,
     tuple_,
+    union_all,
     update,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from app import metrics
 from app.tasks.models import Task, TaskBatch, TaskEvent
@@ -353,8 +356,9 @@ async def list_tasks(
         conditions.append(Task.device_id == filters.device_id)
     if filters.batch_id is not None:
         conditions.append(Task.batch_id == filters.batch_id)
-    if filters.status:
-        conditions.append(Task.status.in_([s.value for s in filters.status]))
+    statuses = list(dict.fromkeys(filters.status or ()))
+    if len(statuses) == 1:
+        conditions.append(Task.status == statuses[0].value)
     if filters.method is not None:
         conditions.append(Task.method == filters.method)
     if filters.created_after is not None:
@@ -363,7 +367,19 @@ async def list_tasks(
         conditions.append(Task.created_at < filters.created_before)
     if after is not None:
         conditions.append(tuple_(Task.created_at, Task.id) < tuple_(*after))
-    stmt = select(Task).where(and_(True, *conditions)).order_by(Task.created_at.desc(), Task.id.desc()).limit(limit)
+
+    def newest(*more: ColumnElement[bool]) -> Select[Task]:
+        stmt = select(Task).where(and_(True, *conditions, *more))
+        return stmt.order_by(Task.created_at.desc(), Task.id.desc()).limit(limit)
+
+    if len(statuses) < 2:
+        return (await session.execute(newest())).scalars().all()
+    # Several statuses: the newest of each (one range of ix_tasks_status_created each), merged.
+    # `status IN (...) ORDER BY created_at LIMIT` walks ix_tasks_created past every newer task of
+    # another status: 333,000 pages for failed,timed_out under 450,000 newer queued ones.
+    merged = union_all(*(newest(Task.status == status.value) for status in statuses)).subquery()
+    task = aliased(Task, merged)
+    stmt = select(task).order_by(task.created_at.desc(), task.id.desc()).limit(limit)
     return (await session.execute(stmt)).scalars().all()
 
 
