@@ -9,10 +9,11 @@ from typing import Annotated, cast
 from fastapi import Depends, Request, params
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from faststream.rabbit import RabbitBroker
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import HTTPConnection
 
 from app.auth import ANONYMOUS, Principal, Scope, TokenVerifier
+from app.db import Sessions
 from app.devices.broker_admin import BrokerAdmin
 from app.devices.config import RetainedPublisher
 from app.errors import Forbidden, Unauthorized
@@ -28,7 +29,7 @@ from app.tasks.waiters import TaskWaiters
 class Runtime:
     settings: Settings
     engine: AsyncEngine
-    sessions: async_sessionmaker[AsyncSession]
+    sessions: Sessions
     broker: RabbitBroker
     notifier: Notifier
     intake: IntakeBatcher

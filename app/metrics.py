@@ -11,8 +11,8 @@ from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.db import Sessions
 from app.devices.models import Device
 from app.tasks.models import Task
 from swarm_device.protocol import TaskStatus
@@ -60,7 +60,7 @@ def seconds_between(start: datetime, end: datetime | None) -> float:
     return max((end - start).total_seconds(), 0.0) if end is not None else 0.0
 
 
-async def exposition(sessions: async_sessionmaker[AsyncSession]) -> bytes:
+async def exposition(sessions: Sessions) -> bytes:
     """The metrics in Prometheus text format, the database-backed gauges read now."""
     async with sessions() as session:
         by_status = dict((await session.execute(select(Task.status, func.count()).group_by(Task.status))).all())

@@ -15,15 +15,14 @@ import contextlib
 import logging
 from collections.abc import Iterator
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-
+from app.db import Sessions
 from app.events import repository as repo
 
 log = logging.getLogger(__name__)
 
 
 class ChangeFeed:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], interval_s: float) -> None:
+    def __init__(self, sessions: Sessions, interval_s: float) -> None:
         self._sessions = sessions
         self._interval_s = interval_s
         self._changed = asyncio.Event()

@@ -17,9 +17,9 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.db import autocommit
+from app.db import Sessions, autocommit
 from app.devices import repository as device_repo
 from app.errors import Conflict, NotFound, Unavailable, is_infrastructure_error
 from app.tasks import repository as repo
@@ -42,7 +42,7 @@ class _Waiting:
 class IntakeBatcher:
     def __init__(
         self,
-        sessions: async_sessionmaker[AsyncSession],
+        sessions: Sessions,
         notifier: Notifier,
         *,
         writers: int = 3,

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import orjson
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.broker import ConfirmedPublisher, Outgoing
+from app.db import Sessions
 from app.tasks import repository as repo
 from swarm_device.protocol import notify_topic
 
@@ -117,7 +117,7 @@ class Notifier:
     def __init__(
         self,
         publisher: ConfirmedPublisher,
-        sessions: async_sessionmaker[AsyncSession],
+        sessions: Sessions,
         *,
         window: int = 500,
         max_pending: int = 100_000,

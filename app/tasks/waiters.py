@@ -16,8 +16,8 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 
 from sqlalchemy import ARRAY, Uuid, any_, bindparam, select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.db import Sessions
 from app.events.feed import ChangeFeed
 from app.tasks.models import Task
 from swarm_device.protocol import FINAL_STATUSES
@@ -29,7 +29,7 @@ _FINAL = sorted(s.value for s in FINAL_STATUSES)
 
 # For code that speaks asyncpg directly (bench, tests); its home would be app/db.py.
 class TaskWaiters:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], feed: ChangeFeed) -> None:
+    def __init__(self, sessions: Sessions, feed: ChangeFeed) -> None:
         self._sessions = sessions
         self._feed = feed
         self._events: defaultdict[uuid.UUID, set[asyncio.Event]] = defaultdict(set)
