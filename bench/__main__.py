@@ -23,7 +23,6 @@ import asyncpg
 import orjson
 import uvloop
 
-from app.settings import Settings
 from bench import connections, fleet, intake, plans, raw, roundtrip, scale
 from bench.env import ROOT, Stack, fresh_database, running_app, start_services
 from bench.progress import Progress
@@ -168,7 +167,6 @@ async def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
                 progress=progress,
             )
         if "connections" in wanted:
-            await _settle(settings, results, progress, "connections")
             results["connections"] = await connections.run(
                 stack,
                 devices,
@@ -182,7 +180,6 @@ async def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
                 progress=progress,
             )
         if "scale" in wanted:
-            await _settle(settings, results, progress, "scale")
             progress.say("scale", f"bulk load: {int(args.scale_devices)} devices x {scale.TASKS_PER_DEVICE} tasks")
             loaded = await scale.load(stack.dsn, int(args.scale_devices), probe, progress)
             progress.say("scale", "tasks/next on the loaded database")
@@ -196,16 +193,6 @@ async def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     results["meta"]["loadavg_end"] = os.getloadavg()
     results["targets"] = _targets(results, args)
     return results
-
-
-async def _settle(settings: Settings, results: dict[str, Any], progress: Progress, section: str) -> None:
-    """Drop what an earlier section left in the broker (requests of simulated devices that are
-    gone, the notices and replies for them): worked off during `section`, it would be measured
-    as part of it. The count is in the JSON."""
-    purged = await fleet.purge_queues(settings)
-    results["meta"].setdefault("purged_before", {})[section] = purged
-    if purged:
-        progress.say(section, f"purged {purged} messages an earlier section left in the broker's queues")
 
 
 async def _plans(stack: Stack, probe: str) -> dict[str, dict[str, Any]]:
