@@ -17,7 +17,7 @@ help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "  SWARM_STACK=$(SWARM_STACK) (dev or test) picks the stack for services, up, down, status, migrate"
 
-install: ## apt packages (RabbitMQ, nginx, PostgreSQL, mosquitto clients) and the .venv; a no-op when done
+install: ## apt packages (debootstrap, nginx, PostgreSQL, mosquitto clients), the .venv, RabbitMQ 4.0's Debian 13 root; a no-op when done
 	@scripts/stack.sh install
 
 services: ## start PKI, PostgreSQL, RabbitMQ and nginx of the stack (idempotent), write .run/<stack>/app.env
@@ -27,7 +27,7 @@ up: install services migrate ## services + migrations + the app in the backgroun
 	@scripts/app.sh start
 	@scripts/app.sh info
 
-down: ## stop the stack's app, nginx, RabbitMQ and PostgreSQL (only what the stack started)
+down: ## stop the stack's app, nginx, RabbitMQ (and unmount its chroot) and PostgreSQL (only what the stack started)
 	@scripts/stack.sh down
 
 status: ## what runs in the stack
