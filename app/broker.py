@@ -72,6 +72,8 @@ class Outgoing:
     on one publisher: aiormq matches a returned message to its publish by this id).
 
     `routing_key`, if given, is used instead of the topic's (an MQTT 5 Response Topic).
+    `expiry_s`, if given, becomes the AMQP `expiration`, which RabbitMQ drops the message after
+    and gives MQTT 5 subscribers as its Message Expiry Interval.
     """
 
     topic: str
@@ -79,6 +81,7 @@ class Outgoing:
     message_id: str
     correlation_id: str | None = None
     routing_key: str | None = None
+    expiry_s: int | None = None
 
 
 class ConfirmedPublisher:
@@ -164,6 +167,7 @@ async def _publish_on(channel: AbstractChannel, message: Outgoing) -> bool:
         delivery_mode=PERSISTENT,
         message_id=message.message_id,
         correlation_id=message.correlation_id,
+        expiration=None if message.expiry_s is None else str(message.expiry_s * 1000),
     )
     confirmation = await channel.basic_publish(
         message.body,

@@ -47,6 +47,8 @@ from app.storable_json import NUL_REFUSED, contains_nul
 from swarm_device.protocol import REQUEST_ID_MAX_LENGTH, ErrorCode, Request, reply_topic
 
 log = logging.getLogger(__name__)
+# Where RabbitMQ 4 puts an MQTT 5 Response Topic (as a routing key) for AMQP 0.9.1 consumers.
+RESPONSE_TOPIC_HEADER = "x-reply-to-topic"
 
 P = TypeVar("P", bound=BaseModel)
 
@@ -311,9 +313,8 @@ class DeviceRpcRouter:
         await message.ack()
 
     async def _reply(self, message: RabbitMessage, device_id: str, body: bytes) -> None:
-        # MQTT 5 Response Topic arrives as reply_to; honour it only inside the device's own down-topics.
-        own_prefix = f"dev.{device_id}.down."
-        routing_key = message.reply_to if message.reply_to.startswith(own_prefix) else None
+        response_topic = message.headers.get(RESPONSE_TOPIC_HEADER)
+        routing_key = response_routing_key(response_topic, device_id) if isinstance(response_topic, str) else None
         reply = Outgoing(
             reply_topic(device_id),
             body,
@@ -332,6 +333,18 @@ class DeviceRpcRouter:
                 # confirms the reply.
                 log.warning("the reply to %s was not confirmed (%r); publishing it again", device_id, exc)
                 delay = await back_off(delay)
+
+
+def response_routing_key(response_topic: str, device_id: str) -> str | None:
+    """The routing key of a request's MQTT 5 Response Topic, if it is one of the device's own
+    down-topics (else None: the reply goes to the default reply topic).
+
+    RabbitMQ 4.0 hands an MQTT 5 Response Topic to AMQP 0.9.1 consumers in the header
+    `x-reply-to-topic`, already as a routing key (`reply_to` stays empty), and the Correlation
+    Data as `correlation_id`, which it gives back as Correlation Data with the reply (seen with
+    4.0.5).
+    """
+    return response_topic if response_topic.startswith(f"dev.{device_id}.down.") else None
 
 
 def _deliveries(message: RabbitMessage) -> int:

@@ -51,7 +51,7 @@ async def run_resources(settings: Settings) -> AsyncIterator[Runtime]:
     presence_consumer = presence.register(rpc.router, sessions)
     broker.include_router(rpc.router)
     document_down_topics(broker)
-    notifier = Notifier(publisher, sessions)
+    notifier = Notifier(publisher, sessions, expiry_s=settings.tasks.notice_expiry_s)
     changes = ChangeFeed(sessions, settings.database.change_poll_interval_s)
     runtime = Runtime(
         settings=settings,

@@ -62,6 +62,9 @@ class TaskSettings(BaseModel):
     max_params_bytes: int = 256 * 1024
     # A notice whose publish was not confirmed within this many seconds is sent again.
     notice_retry_after_s: float = 10.0
+    # Notices expire in the broker after this long (MQTT 5 Message Expiry Interval): a device
+    # offline for longer gets no stale notices, it pulls its tasks when it comes back anyway.
+    notice_expiry_s: int = 3600
     long_poll_max_s: float = 60.0
 
 

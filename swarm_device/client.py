@@ -21,7 +21,6 @@ from typing import Any, Literal, Self
 import aiomqtt
 import orjson
 import paho.mqtt.client as paho
-from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -49,7 +48,7 @@ from swarm_device.tasks import TaskHandler, TaskWorker
 
 logger = logging.getLogger(__name__)
 
-ProtocolPreference = Literal["auto", "5", "3.1.1"]
+ProtocolPreference = Literal["5", "3.1.1"]
 #: on_config(desired) -> the configuration actually applied (None: `desired` as is).
 ConfigCallback = Callable[[dict[str, Any]], Awaitable[dict[str, Any] | None]]
 
@@ -64,11 +63,6 @@ _VERSIONS: dict[str, aiomqtt.ProtocolVersion] = {
     "5": aiomqtt.ProtocolVersion.V5,
     "3.1.1": aiomqtt.ProtocolVersion.V311,
 }
-_VERSION_NAMES = {version: name for name, version in _VERSIONS.items()}
-
-
-class NoConnackError(aiomqtt.MqttError):
-    """The TLS connection opened but the broker never answered CONNECT (3.10 given MQTT 5)."""
 
 
 def _set_nodelay(sock: object) -> None:
@@ -132,27 +126,26 @@ class DeviceClient:
         request_max_timeout: float = 60.0,
         request_attempts: int = 3,
         connect_timeout: float = 10.0,
-        v5_probe_timeout: float = 2.0,
         reconnect_min: float = 1.0,
         reconnect_max: float = 60.0,
-        protocol: ProtocolPreference = "auto",
+        protocol: ProtocolPreference = "5",
         session_expiry: int = 86400,
         verify_hostname: bool = True,
         on_config: ConfigCallback | None = None,
     ) -> None:
         """Configure a device; nothing connects before `run()` or `async with`.
 
-        `protocol`: "auto" tries MQTT 5 with `v5_probe_timeout` and falls back to 3.1.1 (and
-        keeps that choice for later reconnects) when the broker does not answer; "5" or "3.1.1"
-        force one. `connect_timeout` also bounds subscribe and publish acknowledgements.
-        `request_*` are the defaults of `call()`. `session_expiry` (MQTT 5) keeps the session
-        while offline, like `clean_session=False` does on 3.1.1. `on_config` replaces the
+        `protocol`: the MQTT version, "5" (default) or "3.1.1". `connect_timeout` also bounds
+        subscribe and publish acknowledgements. `request_*` are the defaults of `call()`.
+        `session_expiry` (MQTT 5, seconds) keeps the session and its queued messages while the
+        device is offline; the broker caps it (one day here). 3.1.1 gets the broker's maximum
+        with `clean_session=False`. `on_config` replaces the
         default handling of desired configuration (store it and report it back as is).
         """
         if not DEVICE_ID_RE.match(device_id):
             raise ValueError(f"invalid device id {device_id!r}")
-        if protocol not in ("auto", *_VERSIONS):
-            raise ValueError(f"protocol must be auto, 5 or 3.1.1, not {protocol!r}")
+        if protocol not in _VERSIONS:
+            raise ValueError(f"protocol must be 5 or 3.1.1, not {protocol!r}")
         self.device_id = device_id
         self.host = host
         self.port = port
@@ -162,12 +155,9 @@ class DeviceClient:
         self._keepalive = keepalive
         self._hello = HelloParams(firmware=firmware, model=model, capabilities=list(capabilities))
         self._connect_timeout = connect_timeout
-        self._v5_probe_timeout = v5_probe_timeout
         self._reconnect_min = reconnect_min
         self._reconnect_max = reconnect_max
-        self._protocol = protocol
-        # "auto" remembers what worked, so only the first connection pays for the probe.
-        self._learned: aiomqtt.ProtocolVersion | None = None
+        self._version = _VERSIONS[protocol]
         self._session_expiry = session_expiry
         self._verify_hostname = verify_hostname
         self._on_config = on_config
@@ -187,8 +177,8 @@ class DeviceClient:
         self.device: Device | None = None
         #: The configuration last applied (from `dev/{id}/down/config`).
         self.current_config: dict[str, Any] | None = None
-        #: MQTT version of the current (or last) connection: "5" or "3.1.1".
-        self.protocol_version: str | None = None
+        #: MQTT version the client speaks: "5" or "3.1.1".
+        self.protocol_version: str = protocol
 
         self._rpc = RpcChannel(
             self._publish_request,
@@ -366,26 +356,7 @@ class DeviceClient:
     async def _connect(self) -> AsyncIterator[aiomqtt.Client]:
         if self._tls is None:
             self._tls = await asyncio.to_thread(self._make_tls_context)
-        if self._protocol != "auto":
-            version = _VERSIONS[self._protocol]
-            client = await self._open(version, self._connect_timeout)
-        elif self._learned is not None:
-            version = self._learned
-            client = await self._open(version, self._connect_timeout)
-        else:
-            try:
-                version = aiomqtt.ProtocolVersion.V5
-                client = await self._open(version, self._v5_probe_timeout)
-            except NoConnackError:
-                logger.info(
-                    "%s: no CONNACK to MQTT 5 in %.1f s, falling back to 3.1.1",
-                    self.device_id,
-                    self._v5_probe_timeout,
-                )
-                version = aiomqtt.ProtocolVersion.V311
-                client = await self._open(version, self._connect_timeout)
-            self._learned = version
-        self.protocol_version = _VERSION_NAMES[version]
+        client = await self._open()
         try:
             yield client
         finally:
@@ -394,9 +365,9 @@ class DeviceClient:
                 await client.__aexit__(None, None, None)
             _forget_disconnect_error(client)
 
-    async def _open(self, version: aiomqtt.ProtocolVersion, connack_timeout: float) -> aiomqtt.Client:
-        """Connect one aiomqtt client; raises `NoConnackError` if TLS worked but CONNECT got no answer."""
-        v5 = version is aiomqtt.ProtocolVersion.V5
+    async def _open(self) -> aiomqtt.Client:
+        """Connect one aiomqtt client; a refused CONNECT raises `aiomqtt.MqttCodeError` with its reason code."""
+        v5 = self._version is aiomqtt.ProtocolVersion.V5
         properties = None
         if v5:
             properties = _properties(PacketTypes.CONNECT)
@@ -405,25 +376,22 @@ class DeviceClient:
             self.host,
             self.port,
             identifier=self.device_id,
-            protocol=version,
+            protocol=self._version,
             # 3.1.1: a persistent session keeps the QoS 1 subscriptions and queued messages.
             clean_session=None if v5 else False,
             clean_start=False if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
             properties=properties,
             keepalive=self._keepalive,
-            timeout=connack_timeout,
+            timeout=self._connect_timeout,
             tls_context=self._tls,
         )
         # The socket hooks are paho's; aiomqtt exposes none of them.
         mqtt = client._client
         mqtt.connect_timeout = self._connect_timeout
         register_socket = mqtt.on_socket_open
-        opened = False
 
         def on_socket_open(paho_client: paho.Client, userdata: Any, sock: Any) -> None:
             # Runs in the executor thread right after the TLS handshake, before CONNECT is sent.
-            nonlocal opened
-            opened = True
             _set_nodelay(sock)
             if register_socket is not None:
                 register_socket(paho_client, userdata, sock)
@@ -431,15 +399,9 @@ class DeviceClient:
         mqtt.on_socket_open = on_socket_open
         try:
             await client.__aenter__()
-        except MqttConnectError:
+        except aiomqtt.MqttError:
             _drop_socket(client)
             raise
-        except aiomqtt.MqttError as exc:
-            _drop_socket(client)
-            if opened:
-                raise NoConnackError(f"no CONNACK within {connack_timeout} s") from exc
-            raise
-        client.timeout = self._connect_timeout
         return client
 
     def _make_tls_context(self) -> ssl.SSLContext:

@@ -32,10 +32,6 @@ from swarm_device.tasks import TaskContext, TaskHandler, TaskRejected
 
 logger = logging.getLogger("swarm_device.simulator")
 
-# How long the first device may take to find out which MQTT version the broker speaks before
-# the others start without that knowledge.
-PROTOCOL_PROBE_WAIT_S = 15.0
-
 
 class SimulatedFailure(Exception):
     """The failure a simulated task raises (on `fail`, or by `--fail-rate` chance)."""
@@ -75,8 +71,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--protocol",
-        choices=("auto", "5", "3.1.1"),
-        default="auto",
+        choices=("5", "3.1.1"),
+        default="5",
         help="MQTT version",
     )
     parser.add_argument(
@@ -265,24 +261,10 @@ class Fleet:
         """Start every device, `--connect-rate` per second; returns once all are started."""
         protocol: ProtocolPreference = self.args.protocol
         interval = 1 / self.args.connect_rate if self.args.connect_rate > 0 else 0.0
-        for index, device_id in enumerate(self.ids):
+        for device_id in self.ids:
             self._start(self._make_client(device_id, protocol))
-            if index == 0 and protocol == "auto" and len(self.ids) > 1:
-                # One device finds out which MQTT version the broker speaks; the others use
-                # it directly instead of each paying for a probe.
-                protocol = await self._learn_protocol(self.clients[0])
-            elif interval:
+            if interval:
                 await asyncio.sleep(interval)
-
-    async def _learn_protocol(self, first: DeviceClient) -> ProtocolPreference:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(PROTOCOL_PROBE_WAIT_S):
-                await first.connected.wait()
-        if first.protocol_version == "5":
-            return "5"
-        if first.protocol_version == "3.1.1":
-            return "3.1.1"
-        return "auto"
 
     async def stop_all(self) -> None:
         """Stop every device (each disconnects cleanly)."""

@@ -44,9 +44,11 @@ class PendingNotice:
     device_id: str
     event: NoticeEvent
 
-    def message(self) -> Outgoing:
+    def message(self, expiry_s: int) -> Outgoing:
         body = orjson.dumps({"event": self.event, "task_id": str(self.task_id)})
-        return Outgoing(notify_topic(self.device_id), body, message_id=f"{self.event}:{self.task_id}")
+        return Outgoing(
+            notify_topic(self.device_id), body, message_id=f"{self.event}:{self.task_id}", expiry_s=expiry_s
+        )
 
 
 class Lanes:
@@ -121,8 +123,10 @@ class Notifier:
         *,
         window: int = 500,
         max_pending: int = 100_000,
+        expiry_s: int = 3600,
     ) -> None:
         self._publisher = publisher
+        self._expiry_s = expiry_s
         self._sessions = sessions
         self._window = window
         self._lanes = Lanes(max_pending)
@@ -194,7 +198,7 @@ class Notifier:
 
     async def _publish(self, window: list[PendingNotice]) -> list[bool | BaseException]:
         try:
-            return await self._publisher.publish_many([notice.message() for notice in window])
+            return await self._publisher.publish_many([notice.message(self._expiry_s) for notice in window])
         except Exception as exc:  # no connection: nothing was sent
             return [exc] * len(window)
 

@@ -14,6 +14,7 @@ from app.device_rpc import (
     encode_reply,
     parse_request,
     queue_for,
+    response_routing_key,
 )
 from swarm_device.protocol import ErrorCode, ResultParams
 
@@ -88,3 +89,18 @@ def test_recent_replies_keep_the_newest_and_not_large_replies() -> None:
     recent.answering(("tasks/next", "d1", "big"))
     recent.answered(("tasks/next", "d1", "big"), b"x" * (REPLY_MEMORY_MAX_BYTES + 1))
     assert recent.get(("tasks/next", "d1", "big")) is None
+
+
+@pytest.mark.parametrize(
+    ("reply_to", "expected"),
+    [
+        ("dev.d-1.down.answers", "dev.d-1.down.answers"),
+        ("dev.d-1.down.reply", "dev.d-1.down.reply"),
+        ("dev.d-10.down.reply", None),  # another device's topic
+        ("dev.d-1.up.rpc.hello", None),
+        ("dev.d-1.down", None),
+        ("", None),
+    ],
+)
+def test_only_the_device_s_own_response_topic_is_used(reply_to: str, expected: str | None) -> None:
+    assert response_routing_key(reply_to, "d-1") == expected
