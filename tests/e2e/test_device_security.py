@@ -20,8 +20,9 @@ from app.devices import service as devices
 from app.devices.broker_admin import BrokerAdmin
 from app.settings import Settings
 from swarm_device import protocol
+from swarm_device.client import ProtocolPreference
 from tests.conftest import ROOT, DeviceCredentials, EnrolDevice, unique_device_id
-from tests.e2e.test_sdk_device import make_device, running
+from tests.e2e.test_sdk_device import MQTT_VERSIONS, make_device, running
 from tests.mosquitto import Endpoint, publish, subscriber
 from tests.polling import eventually
 
@@ -167,11 +168,16 @@ async def test_connections_without_a_valid_identity_are_refused(
     assert code == 0, output
 
 
+@MQTT_VERSIONS
 async def test_revocation_cuts_the_device_off(
-    app_client: httpx.AsyncClient, enrol_device: EnrolDevice, endpoint: Endpoint, settings: Settings
+    app_client: httpx.AsyncClient,
+    enrol_device: EnrolDevice,
+    endpoint: Endpoint,
+    settings: Settings,
+    mqtt_version: ProtocolPreference,
 ) -> None:
     creds = await enrol_device("rev")
-    async with running(make_device(settings, creds)) as device:
+    async with running(make_device(settings, creds, mqtt_version)) as device:
         pending = await app_client.post(
             f"/devices/{creds.device_id}/tasks", json={"method": "sleep", "params": {"seconds": 30}}
         )
@@ -216,8 +222,9 @@ async def test_device_ids_with_topic_or_regex_metacharacters_are_refused(
     assert response.json()["errors"][0]["loc"] == ["body", "id"]
 
 
+@MQTT_VERSIONS
 async def test_presence_follows_the_connection(
-    app_client: httpx.AsyncClient, enrol_device: EnrolDevice, settings: Settings
+    app_client: httpx.AsyncClient, enrol_device: EnrolDevice, settings: Settings, mqtt_version: ProtocolPreference
 ) -> None:
     creds = await enrol_device("pres")
 
@@ -228,7 +235,7 @@ async def test_presence_follows_the_connection(
         return not await online()
 
     assert await offline()
-    async with running(make_device(settings, creds)):
+    async with running(make_device(settings, creds, mqtt_version)):
         await eventually(online)
         listed = (await app_client.get("/devices", params={"online": "true", "limit": 1000})).json()["items"]
         assert creds.device_id in {d["id"] for d in listed}

@@ -11,9 +11,10 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.settings import Settings
+from swarm_device.client import ProtocolPreference
 from tests.conftest import EnrolDevice
 from tests.e2e.test_events import subscribe_once
-from tests.e2e.test_sdk_device import make_device, running, wait_final
+from tests.e2e.test_sdk_device import MQTT_VERSIONS, make_device, running, wait_final
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,7 +28,10 @@ async def _config_when(client: httpx.AsyncClient, device_id: str, reported: dict
     raise AssertionError(f"device never reported {reported}: {body}")
 
 
-async def test_config_round_trip(app_client: httpx.AsyncClient, enrol_device: EnrolDevice, settings: Settings) -> None:
+@MQTT_VERSIONS
+async def test_config_round_trip(
+    app_client: httpx.AsyncClient, enrol_device: EnrolDevice, settings: Settings, mqtt_version: ProtocolPreference
+) -> None:
     creds = await enrol_device("cfg")
     # Set while the device is offline: the retained message waits for it.
     first = {"interval_s": 30, "mode": "eco"}
@@ -43,7 +47,7 @@ async def test_config_round_trip(app_client: httpx.AsyncClient, enrol_device: En
         "published": True,
     }
 
-    async with running(make_device(settings, creds)) as device:
+    async with running(make_device(settings, creds, mqtt_version)) as device:
         synced = await _config_when(app_client, creds.device_id, first)
         assert synced["in_sync"] is True
         assert device.current_config == first

@@ -8,16 +8,19 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
+import pytest
 
 from app.settings import Settings
-from swarm_device.client import DeviceClient
+from swarm_device.client import DeviceClient, ProtocolPreference
 from swarm_device.tasks import TaskContext, TaskRejected
 from tests.conftest import DeviceCredentials, EnrolDevice
 
 DeviceFactory = Callable[[DeviceCredentials], DeviceClient]
+#: The core scenarios run with both MQTT versions the SDK speaks (`protocol` of DeviceClient).
+MQTT_VERSIONS = pytest.mark.parametrize("mqtt_version", ["5", "3.1.1"])
 
 
-def make_device(settings: Settings, creds: DeviceCredentials) -> DeviceClient:
+def make_device(settings: Settings, creds: DeviceCredentials, mqtt_version: ProtocolPreference = "5") -> DeviceClient:
     device = DeviceClient(
         creds.device_id,
         settings.broker.mqtt_host,
@@ -28,7 +31,7 @@ def make_device(settings: Settings, creds: DeviceCredentials) -> DeviceClient:
         firmware="1.2.3",
         model="sim",
         capabilities=["echo"],
-        protocol="3.1.1",
+        protocol=mqtt_version,
         request_timeout=5.0,
     )
 
@@ -58,11 +61,12 @@ async def wait_final(client: httpx.AsyncClient, task_id: str, seconds: float = 2
     return body
 
 
+@MQTT_VERSIONS
 async def test_round_trip_through_the_sdk(
-    app_client: httpx.AsyncClient, enrol_device: EnrolDevice, settings: Settings
+    app_client: httpx.AsyncClient, enrol_device: EnrolDevice, settings: Settings, mqtt_version: ProtocolPreference
 ) -> None:
     creds = await enrol_device("sdk")
-    async with running(make_device(settings, creds)) as device:
+    async with running(make_device(settings, creds, mqtt_version)) as device:
         assert device.device is not None
         assert device.device.firmware == "1.2.3"
         created = await app_client.post(
@@ -88,8 +92,9 @@ async def test_round_trip_through_the_sdk(
     assert record["capabilities"] == ["echo"]
 
 
+@MQTT_VERSIONS
 async def test_task_created_while_offline_is_delivered_on_connect(
-    app_client: httpx.AsyncClient, enrol_device: EnrolDevice, settings: Settings
+    app_client: httpx.AsyncClient, enrol_device: EnrolDevice, settings: Settings, mqtt_version: ProtocolPreference
 ) -> None:
     creds = await enrol_device("off")
     first = await app_client.post(f"/devices/{creds.device_id}/tasks", json={"method": "echo", "params": {"i": 1}})
@@ -101,7 +106,7 @@ async def test_task_created_while_offline_is_delivered_on_connect(
     assert all(r.status_code == 201 for r in (first, urgent, refused, unknown))
     assert (await app_client.get(f"/tasks/{first.json()['id']}")).json()["status"] == "queued"
 
-    async with running(make_device(settings, creds)):
+    async with running(make_device(settings, creds, mqtt_version)):
         results = [await wait_final(app_client, r.json()["id"]) for r in (first, urgent, refused, unknown)]
 
     assert [r["status"] for r in results] == ["succeeded", "succeeded", "rejected", "rejected"]
