@@ -22,9 +22,24 @@ router = APIRouter(tags=["docs"], include_in_schema=False)
 
 # (topic, payload schema, description) of every core -> device topic.
 DOWN_TOPICS: list[tuple[str, Any, str]] = [
-    (notify_topic("{device_id}"), Notice, "A hint: pull with tasks/next (task_queued) or stop (task_canceled)."),
-    (reply_topic("{device_id}"), Reply, "Replies to the device's requests: `result` or `error`, with the request id."),
-    (config_topic("{device_id}"), dict[str, Any], "The desired configuration (retained)."),
+    (
+        notify_topic("{device_id}"),
+        Notice,
+        "A hint: pull with tasks/next (task_queued) or stop (task_canceled). Expires in the broker "
+        "after an hour: a device offline for longer pulls its tasks instead.",
+    ),
+    (
+        reply_topic("{device_id}"),
+        Reply,
+        "Replies to the device's requests: `result` or `error`, with the request id. MQTT 5: a request's "
+        "Response Topic under dev/{device_id}/down/ is used instead, with its Correlation Data.",
+    ),
+    (
+        config_topic("{device_id}"),
+        dict[str, Any],
+        "The desired configuration, retained: delivered on every subscription to this exact topic "
+        "(RabbitMQ delivers no retained message to a wildcard filter such as dev/{device_id}/down/#).",
+    ),
 ]
 
 

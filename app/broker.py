@@ -47,8 +47,9 @@ def create_broker(settings: BrokerSettings) -> RabbitBroker:
         default_channel=Channel(prefetch_count=settings.prefetch),
         graceful_timeout=10.0,
         log_level=logging.DEBUG,
-        description="Swarm Core device protocol: devices publish to dev/{id}/up/..., the core answers on "
-        "dev/{id}/down/...",
+        description="Swarm Core device protocol over MQTT 5 or 3.1.1 with TLS client certificates "
+        "(the MQTT client id must be the certificate's device id): devices publish to dev/{id}/up/..., "
+        "the core answers on dev/{id}/down/...",
     )
 
 

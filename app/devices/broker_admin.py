@@ -82,8 +82,10 @@ _topic_permissions = TypeAdapter(list[_TopicPermission])
 def device_permissions(device_id: str) -> dict[str, str]:
     """Vhost permissions pinning the device to its own MQTT session queues and `amq.topic`.
 
-    The 3.10 MQTT plugin names a session's queue `mqtt-subscription-<client id>qos<0|1>`. Without
-    this pin, a device connecting with another device's client id resumes that device's session.
+    RabbitMQ 4's native MQTT names a session's queue `mqtt-subscription-<client id>qos<0|1>`, and
+    the client id is bound to the certificate, so MQTT alone cannot reach another device's session.
+    The pin stays for AMQP: a device certificate can also log in over AMQPS (EXTERNAL), where `.*`
+    would let it declare, bind and read any queue of the vhost.
     """
     own_queues = f"mqtt-subscription-{re.escape(device_id)}qos[01]"
     exchange_or_queues = f"^({re.escape(TOPIC_EXCHANGE)}|{own_queues})$"
@@ -154,7 +156,7 @@ class BrokerAdmin:
     async def deprovision_device(self, device_id: str) -> None:
         """Delete the device's user, and with it its permissions. Already gone is fine.
 
-        RabbitMQ (3.10 at least) then closes the user's open connections by itself; revocation
+        RabbitMQ then closes the user's open connections by itself (seen on 3.10); revocation
         still calls `close_device_connections`, which does not depend on that.
         """
         user = _segment(_checked(device_id))
