@@ -106,7 +106,6 @@ async def pull_latency(settings: Settings, fleet: Fleet, device_id: str, calls: 
         settings.pki.ca_cert_file,
         fleet.cert_dir / f"{device_id}.crt",
         fleet.cert_dir / f"{device_id}.key",
-        protocol="3.1.1",
     )
     samples: list[float] = []
     async with client:

@@ -102,7 +102,6 @@ async def simulating(
                     f"--count={last - first + 1}",
                     f"--prefix={fleet.prefix}",
                     f"--connect-rate={connect_rate / processes}",
-                    "--protocol=3.1.1",
                     "--status-interval=1",
                     *(["--no-hello"] if no_hello else []),
                 )
