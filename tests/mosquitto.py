@@ -19,8 +19,8 @@ class Endpoint:
     ca_file: Path
 
 
-def tls_args(endpoint: Endpoint, cert: Path | None, key: Path | None) -> list[str]:
-    args = ["-h", endpoint.host, "-p", str(endpoint.port), "--cafile", str(endpoint.ca_file), "-V", "mqttv311"]
+def tls_args(endpoint: Endpoint, cert: Path | None, key: Path | None, version: str = "mqttv311") -> list[str]:
+    args = ["-h", endpoint.host, "-p", str(endpoint.port), "--cafile", str(endpoint.ca_file), "-V", version]
     if cert is not None and key is not None:
         args += ["--cert", str(cert), "--key", str(key)]
     return args
@@ -116,5 +116,33 @@ async def publish(
         stderr=asyncio.subprocess.STDOUT,
     )
     output, _ = await asyncio.wait_for(process.communicate(payload), 20)
+    assert process.returncode is not None
+    return process.returncode, output.decode(errors="replace")
+
+
+async def request(
+    endpoint: Endpoint, cert: Path, key: Path, client_id: str, topic: str, response_topic: str, payload: bytes
+) -> tuple[int, str]:
+    """One MQTT 5 request with `mosquitto_rr` (Response Topic, Correlation Data) on one connection;
+    returns its exit code and what it printed (the response's payload)."""
+    process = await asyncio.create_subprocess_exec(
+        "mosquitto_rr",
+        *tls_args(endpoint, cert, key, "mqttv5"),
+        "-i",
+        client_id,
+        "-q",
+        "1",
+        "-t",
+        topic,
+        "-e",
+        response_topic,
+        "-W",
+        "20",
+        "-m",
+        payload.decode(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode is not None
     return process.returncode, output.decode(errors="replace")
