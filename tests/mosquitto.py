@@ -97,27 +97,25 @@ async def subscriber(
         sub._reader.cancel()
 
 
+async def _run(program: str, args: list[str], payload: bytes | None = None) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        program,
+        *args,
+        stdin=asyncio.subprocess.PIPE if payload is not None else None,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(payload), 30)
+    assert process.returncode is not None
+    return process.returncode, output.decode(errors="replace")
+
+
 async def publish(
     endpoint: Endpoint, cert: Path | None, key: Path | None, client_id: str, topic: str, payload: bytes
 ) -> tuple[int, str]:
     """Publish one QoS 1 message; returns mosquitto_pub's exit code and output."""
-    process = await asyncio.create_subprocess_exec(
-        "mosquitto_pub",
-        *tls_args(endpoint, cert, key),
-        "-i",
-        client_id,
-        "-q",
-        "1",
-        "-t",
-        topic,
-        "-s",
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    output, _ = await asyncio.wait_for(process.communicate(payload), 20)
-    assert process.returncode is not None
-    return process.returncode, output.decode(errors="replace")
+    args = [*tls_args(endpoint, cert, key), "-i", client_id, "-q", "1", "-t", topic, "-s"]
+    return await _run("mosquitto_pub", args, payload)
 
 
 async def request(
@@ -125,24 +123,5 @@ async def request(
 ) -> tuple[int, str]:
     """One MQTT 5 request with `mosquitto_rr` (Response Topic, Correlation Data) on one connection;
     returns its exit code and what it printed (the response's payload)."""
-    process = await asyncio.create_subprocess_exec(
-        "mosquitto_rr",
-        *tls_args(endpoint, cert, key, "mqttv5"),
-        "-i",
-        client_id,
-        "-q",
-        "1",
-        "-t",
-        topic,
-        "-e",
-        response_topic,
-        "-W",
-        "20",
-        "-m",
-        payload.decode(),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    output, _ = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode is not None
-    return process.returncode, output.decode(errors="replace")
+    args = [*tls_args(endpoint, cert, key, "mqttv5"), "-i", client_id, "-q", "1", "-t", topic, "-e", response_topic]
+    return await _run("mosquitto_rr", [*args, "-W", "20", "-m", payload.decode()])

@@ -27,8 +27,8 @@ from app.devices.config import RetainedPublisher
 from app.settings import Settings
 from app.tasks.notifier import PendingNotice
 from swarm_device import protocol
-from swarm_device.client import DeviceClient
 from tests.conftest import DeviceCredentials, EnrolDevice
+from tests.e2e.test_sdk_device import make_device
 from tests.management import core_broker, management_client
 from tests.polling import eventually
 
@@ -220,15 +220,7 @@ async def test_the_session_expiry_the_sdk_asks_for_is_honoured(
     enrol_device: EnrolDevice, settings: Settings, session_expiry: int, kept: bool
 ) -> None:
     creds = await enrol_device("m5")
-    device = DeviceClient(
-        creds.device_id,
-        settings.broker.mqtt_host,
-        settings.broker.mqtt_port,
-        creds.ca_file,
-        creds.cert_file,
-        creds.key_file,
-        session_expiry=session_expiry,
-    )
+    device = make_device(settings, creds, session_expiry=session_expiry)
     async with device:
         await asyncio.wait_for(device.ready.wait(), 20)
         assert device.protocol_version == "5"

@@ -20,7 +20,9 @@ DeviceFactory = Callable[[DeviceCredentials], DeviceClient]
 MQTT_VERSIONS = pytest.mark.parametrize("mqtt_version", ["5", "3.1.1"])
 
 
-def make_device(settings: Settings, creds: DeviceCredentials, mqtt_version: ProtocolPreference = "5") -> DeviceClient:
+def make_device(
+    settings: Settings, creds: DeviceCredentials, mqtt_version: ProtocolPreference = "5", session_expiry: int = 86400
+) -> DeviceClient:
     device = DeviceClient(
         creds.device_id,
         settings.broker.mqtt_host,
@@ -32,6 +34,7 @@ def make_device(settings: Settings, creds: DeviceCredentials, mqtt_version: Prot
         model="sim",
         capabilities=["echo"],
         protocol=mqtt_version,
+        session_expiry=session_expiry,
         request_timeout=5.0,
     )
 
