@@ -45,6 +45,7 @@ rmq_rootfs_install() {
         die "a stack's RabbitMQ still runs on $RMQ_ROOTFS: scripts/stack.sh down first"
     fi
     log "rabbitmq: debootstrap $RMQ_SUITE with $RMQ_PACKAGES into $RMQ_ROOTFS (a minute or two, ~370 MB)"
+    mkdir -p "$ROOT/.run"
     rm -rf "$tmp"
     debootstrap --variant=minbase --include="$RMQ_PACKAGES" "$RMQ_SUITE" "$tmp" "$RMQ_MIRROR" \
         >"$ROOT/.run/rabbitmq-root.log" 2>&1 || {
