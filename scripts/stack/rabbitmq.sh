@@ -40,8 +40,8 @@ rmq_rootfs_install() {
     rmq_rootfs_ready && return 0
     command -v debootstrap >/dev/null || die "debootstrap is not installed (apt-get install debootstrap)"
     local tmp="$RMQ_ROOTFS.tmp"
-    # A stale root is only replaced when no stack uses it.
-    if findmnt -rn -o TARGET | grep -qF "/rabbitmq-chroot"; then
+    # A stale root is only replaced when no stack of this checkout uses it.
+    if findmnt -rn -o TARGET | awk -v run="$ROOT/.run/" 'index($0, run) == 1 && /\/rabbitmq-chroot/' | grep -q .; then
         die "a stack's RabbitMQ still runs on $RMQ_ROOTFS: scripts/stack.sh down first"
     fi
     log "rabbitmq: debootstrap $RMQ_SUITE with $RMQ_PACKAGES into $RMQ_ROOTFS (a minute or two, ~370 MB)"
