@@ -57,8 +57,7 @@ rmq_rootfs_install() {
     rm -rf "$RMQ_ROOTFS"
     mv "$tmp" "$RMQ_ROOTFS"
     echo "$RMQ_ROOTFS_WANTED" >"$RMQ_ROOTFS_STAMP"
-    log "rabbitmq: $(cat "$RMQ_ROOTFS/usr/lib/rabbitmq/lib/"*/ebin/rabbit.app 2>/dev/null |
-        grep -o '{vsn,"[^"]*"}' | head -1 || echo 'root') ready"
+    log "rabbitmq: root ready with $(ls "$RMQ_ROOTFS/usr/lib/rabbitmq/lib")"
 }
 
 # ------------------------------------------------------------------------------ this stack's view
