@@ -412,8 +412,8 @@ class DeviceClient:
         return context
 
     async def _subscribe(self, client: aiomqtt.Client) -> None:
-        # Every connect, exact topics, QoS 1: 3.10 keeps no QoS 0 subscription and delivers no
-        # retained message to a wildcard one.
+        # Every connect, exact topics, QoS 1: RabbitMQ (4.0 as 3.10) delivers a retained message
+        # only to a subscription to its exact topic, never to a wildcard one.
         granted = await client.subscribe([(topic, 1) for topic in down_topics(self.device_id)])
         codes = [code.value if isinstance(code, ReasonCode) else code for code in granted]
         if any(code >= 0x80 for code in codes):

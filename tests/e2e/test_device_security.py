@@ -26,7 +26,7 @@ from tests.e2e.test_sdk_device import MQTT_VERSIONS, make_device, running
 from tests.mosquitto import Endpoint, publish, subscriber
 from tests.polling import eventually
 
-# mosquitto_pub exit codes seen with RabbitMQ 3.10 (MQTT 3.1.1 has no reason codes on PUBACK).
+# mosquitto_pub exit codes seen with RabbitMQ 3.10 and 4.0 (MQTT 3.1.1 has no reason codes on PUBACK).
 CONNECTION_LOST = 7  # the broker closed the connection instead of acknowledging the publish
 
 
