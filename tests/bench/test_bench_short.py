@@ -79,3 +79,15 @@ def test_short_mode_reports_every_section(stack_env: dict[str, str], tmp_path: P
     assert results["connections"]["stayed_connected"] == results["connections"]["target"]
     assert {t["target"] for t in results["targets"]}, "the targets are evaluated"
     assert "intake: persisted" in completed.stdout
+
+    # What was measured, and on what kind of box.
+    meta = results["meta"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert meta["commit"] == head
+    assert isinstance(meta["commit_dirty"], bool)
+    assert f"commit {head[:7]}" in completed.stdout
+    box = meta["box_before"]
+    assert 0 <= box["cpu_busy_pct"] <= 100
+    assert box["busy"] == (box["cpu_busy_pct"] > box["threshold_pct"])
+    assert f"processors {box['cpu_busy_pct']}% busy" in completed.stdout
+    assert ("WARNING: the box was busy" in completed.stdout) == box["busy"]
