@@ -12,9 +12,11 @@ import argparse
 import asyncio
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -437,13 +439,23 @@ def print_table(results: dict[str, Any]) -> None:
         print(f"  {verdict:<22} {target['target']} (measured: {target['measured']})")
 
 
+async def _stoppable(work: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+    """`work`, cancelled on SIGINT or SIGTERM so that the app and the simulators it started (in
+    sessions of their own) are stopped on the way out; under uvloop a plain SIGINT went unheard."""
+    task = asyncio.ensure_future(work)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, task.cancel)
+    return await task
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     progress = Progress()
     started = time.monotonic()
     # uvloop: the load generator must cost as little CPU as it can on a box it shares with the app.
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        results = runner.run(run(args, progress))
+        results = runner.run(_stoppable(run(args, progress)))
     results["meta"]["wall_s"] = round(time.monotonic() - started, 1)
     output = args.output or RESULTS_DIR / f"{results['meta']['started_at']}-{results['meta']['mode']}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
