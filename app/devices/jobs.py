@@ -25,4 +25,4 @@ async def reconcile_broker(runtime: Runtime) -> None:
 
 
 async def publish_configs(runtime: Runtime) -> None:
-    await config.publish_due(runtime.sessions, runtime.config_publisher)
+    await config.publish_due(runtime.sessions, runtime.config_publisher, runtime.failed_rows)
