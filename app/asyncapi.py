@@ -24,7 +24,12 @@ router = APIRouter(tags=["docs"], include_in_schema=False)
 DOWN_TOPICS: list[tuple[str, Any, str]] = [
     (notify_topic("{device_id}"), Notice, "A hint: pull with tasks/next (task_queued) or stop (task_canceled)."),
     (reply_topic("{device_id}"), Reply, "Replies to the device's requests: `result` or `error`, with the request id."),
-    (config_topic("{device_id}"), dict[str, Any], "The desired configuration (retained)."),
+    (
+        config_topic("{device_id}"),
+        dict[str, Any],
+        "The desired configuration, live and retained. Retained messages reach exact subscriptions only on "
+        "RabbitMQ 3.x (not `dev/{id}/down/#`): the `hello` reply's `desired_config` carries it too.",
+    ),
 ]
 
 

@@ -15,6 +15,7 @@ from app.errors import is_infrastructure_error
 from app.settings import DatabaseSettings
 
 Row = TypeVar("Row")
+Key = TypeVar("Key")
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -75,12 +76,16 @@ async def change_each(
     session: AsyncSession,
     rows: Sequence[Row],
     change: Callable[[Row], None],
-    failed: Callable[[Row, Exception], None],
+    key: Callable[[Row], Key],
+    failed: Callable[[Key, Exception], None],
 ) -> list[Row]:
     """Apply `change` to the (locked) ORM rows and flush them together; if that fails for a reason
-    other than the infrastructure, row by row, each in its own savepoint: a row that fails alone
-    is handed to `failed` and left as it was, the others go on. Returns the rows changed; the
-    caller commits."""
+    other than the infrastructure, row by row, each in its own savepoint: the key of a row that
+    fails alone is handed to `failed` and the row left as it was, the others go on. Returns the
+    rows changed; the caller commits."""
+    # Read now: a failed savepoint expires what it touched, and an async session cannot reload
+    # an attribute on access.
+    keys = [key(row) for row in rows]
     try:
         async with session.begin_nested():
             for row in rows:
@@ -91,7 +96,7 @@ async def change_each(
         if is_infrastructure_error(exc):
             raise
     changed: list[Row] = []
-    for row in rows:
+    for row, row_key in zip(rows, keys, strict=True):
         try:
             async with session.begin_nested():
                 # The failed savepoint expired what it touched: read the row again (still locked).
@@ -101,7 +106,7 @@ async def change_each(
         except Exception as exc:
             if is_infrastructure_error(exc):
                 raise
-            failed(row, exc)
+            failed(row_key, exc)
         else:
             changed.append(row)
     return changed

@@ -238,7 +238,8 @@ class DeviceRpcRouter:
                 ack_policy=AckPolicy.MANUAL,
                 no_reply=True,
                 title=f"dev/{{device_id}}/up/rpc/{pattern}",
-                description=handler.__doc__,
+                description=f"{handler.__doc__ or ''} Params: {', '.join(params.model_fields) or 'none'}; "
+                "a field the method does not define is refused with `invalid`, naming it.",
             )(consume)
             return handler
 

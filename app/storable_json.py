@@ -13,13 +13,16 @@ import math
 import re
 from typing import TYPE_CHECKING, Annotated, Any, Union
 
-from pydantic import AfterValidator, BeforeValidator, Field, WithJsonSchema
+from pydantic import BeforeValidator, Field
 from typing_extensions import TypeAliasType
 
 NUL_REFUSED = "strings must not contain U+0000"
 # orjson's range: signed 64-bit below zero, unsigned 64-bit above.
 INT_MIN = -(2**63)
 INT_MAX = 2**64 - 1
+# Fractions (and numbers written as such, 1e19) within this, exactly representable as a double:
+# a bound near 2**64 is not, and validators comparing in doubles then disagree at its edge.
+FRACTION_MAX = 1e19
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -50,6 +53,8 @@ def unstorable(value: Any, where: str = "") -> str | None:
     elif isinstance(value, float):
         if not math.isfinite(value):
             problem = "numbers must be finite (no NaN or Infinity)"
+        elif not -FRACTION_MAX <= value <= FRACTION_MAX:
+            problem = f"numbers that are not integers must be within +-{FRACTION_MAX:.0e}"
     elif isinstance(value, dict):
         for key, item in value.items():
             inner = f"{where}.{printable(key)}" if where else printable(key)
@@ -67,7 +72,7 @@ def unstorable(value: Any, where: str = "") -> str | None:
     return f"{where}: {problem}" if where else problem
 
 
-def _refuse_unstorable(value: dict[str, Any]) -> dict[str, Any]:
+def _refuse_unstorable(value: Any) -> Any:
     if (problem := unstorable(value)) is not None:
         raise ValueError(problem)
     return value
@@ -80,9 +85,9 @@ def _only_floats(value: Any) -> Any:
     return value
 
 
-# The recursive type documents in the OpenAPI what is taken (integers within 64 bits, finite
-# numbers) and checks it; `unstorable` adds what JSON Schema does not say (no U+0000, no lone
-# surrogates) and names where the problem is.
+# The recursive type documents in the OpenAPI what is taken (integers in orjson's range, other
+# numbers finite and within +-1e19); `unstorable` checks it first, with what JSON Schema does not
+# say (no U+0000, no lone surrogates), and names where the problem is.
 if TYPE_CHECKING:
     StorableValue = Any
 else:
@@ -93,8 +98,7 @@ else:
             Annotated[
                 float,
                 BeforeValidator(_only_floats),
-                Field(allow_inf_nan=False),
-                WithJsonSchema({"type": "number", "not": {"type": "integer"}}),
+                Field(allow_inf_nan=False, ge=-FRACTION_MAX, le=FRACTION_MAX),
             ],
             str,
             bool,
@@ -103,4 +107,5 @@ else:
             None,
         ],
     )
-StorableObject = Annotated[dict[str, StorableValue], AfterValidator(_refuse_unstorable)]
+# Checked before the type: one clear message (where, and what), not one per branch of the union.
+StorableObject = Annotated[dict[str, StorableValue], BeforeValidator(_refuse_unstorable)]

@@ -22,6 +22,7 @@ from app.tasks.schemas import (
 )
 from swarm_device.protocol import DEVICE_ID_PATTERN, TaskStatus
 
+# `{task_id:uuid}`: a path that is no task id (`/tasks/batch`) is not taken for one.
 router = APIRouter(tags=["tasks"], responses=API_ERRORS)
 NOT_FOUND = problem_responses(404)
 
@@ -95,7 +96,7 @@ async def create_batch(
     return batch
 
 
-@router.get("/tasks/{task_id}", dependencies=[requires(Scope.TASKS_READ)], responses=NOT_FOUND)
+@router.get("/tasks/{task_id:uuid}", dependencies=[requires(Scope.TASKS_READ)], responses=NOT_FOUND)
 async def get_task(
     task_id: uuid.UUID,
     runtime: RuntimeDep,
@@ -133,14 +134,14 @@ async def list_tasks(
 
 
 @router.post(
-    "/tasks/{task_id}/cancel", dependencies=[requires(Scope.TASKS_WRITE)], responses=problem_responses(404, 409)
+    "/tasks/{task_id:uuid}/cancel", dependencies=[requires(Scope.TASKS_WRITE)], responses=problem_responses(404, 409)
 )
 async def cancel_task(task_id: uuid.UUID, runtime: RuntimeDep) -> TaskRead:
     """Cancel a task that is not final yet; the device gets a `task_canceled` notice."""
     return await service.cancel_task(runtime.sessions, runtime.notifier, task_id)
 
 
-@router.get("/tasks/{task_id}/events", dependencies=[requires(Scope.TASKS_READ)], responses=NOT_FOUND)
+@router.get("/tasks/{task_id:uuid}/events", dependencies=[requires(Scope.TASKS_READ)], responses=NOT_FOUND)
 async def task_events(task_id: uuid.UUID, runtime: RuntimeDep) -> list[TaskEventRead]:
     """The task's audit history: one entry per change, oldest first."""
     events = await service.list_events(runtime.sessions, task_id)

@@ -29,7 +29,8 @@ DateTimeQuery = Annotated[datetime, BeforeValidator(_date_time_text)]
 
 
 class TaskCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: `"priority": "5"` or `5.0` is refused as the documented integer it is not.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     method: str = Field(pattern=METHOD_PATTERN, description="What the device should do, e.g. `reboot`.")
     params: StorableObject = Field(default_factory=dict)

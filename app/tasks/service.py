@@ -209,6 +209,10 @@ def _time_out(task: Task) -> None:
         repo.set_status(task, TaskStatus.TIMED_OUT, error={"message": "no result before the deadline"})
 
 
+def _task_id(task: Task) -> uuid.UUID:
+    return task.id
+
+
 def _expire(task: Task) -> None:
     repo.set_status(task, TaskStatus.EXPIRED)
 
@@ -218,7 +222,9 @@ async def time_out_overdue(sessions: Sessions, notifier: Notifier, failed: Faile
     attempts remain, else TIMED_OUT. A task that cannot be changed is left out (`failed`)."""
     async with sessions() as session:
         tasks = await repo.lock_overdue(session, batch, skip=failed.of(DEADLINES))
-        changed = await change_each(session, tasks, _time_out, lambda task, exc: failed.add(DEADLINES, task.id, exc))
+        changed = await change_each(
+            session, tasks, _time_out, _task_id, lambda task_id, exc: failed.add(DEADLINES, task_id, exc)
+        )
         requeued = [(task.id, task.device_id) for task in changed if task.status == TaskStatus.QUEUED]
         await session.commit()
     for task_id, device_id in requeued:
@@ -230,7 +236,9 @@ async def expire_pending(sessions: Sessions, failed: FailedRows, batch: int = 50
     """Pending past their expiry: EXPIRED. A task that cannot be changed is left out (`failed`)."""
     async with sessions() as session:
         tasks = await repo.lock_expired(session, batch, skip=failed.of(EXPIRY))
-        changed = await change_each(session, tasks, _expire, lambda task, exc: failed.add(EXPIRY, task.id, exc))
+        changed = await change_each(
+            session, tasks, _expire, _task_id, lambda task_id, exc: failed.add(EXPIRY, task_id, exc)
+        )
         await session.commit()
     return len(changed)
 
