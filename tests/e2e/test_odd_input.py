@@ -17,6 +17,8 @@ import pytest
 
 from app.db import Sessions
 from app.devices import config
+from app.devices import service as devices
+from app.devices.broker_admin import BrokerAdmin
 from app.devices.config import CONFIGS, RetainedPublisher
 from app.errors import PROBLEM_JSON, FailedRows
 from app.settings import Settings
@@ -241,3 +243,24 @@ async def test_deadlines_and_expiry_go_on_past_a_row_they_cannot_change(
     for name in ("poison_overdue", "poison_expired"):
         logged = [r for r in caplog.records if ids[name] in r.getMessage()]
         assert len(logged) == 1, [r.getMessage() for r in logged]
+
+
+async def test_broker_reconciliation_goes_on_past_a_device_it_cannot_provision(
+    enrol_device: EnrolDevice, settings: Settings, sessions: Sessions, db: asyncpg.Connection
+) -> None:
+    lost = await enrol_device("lost-user")
+    # A row the API would never write: an id the broker cannot take as a user name.
+    bad_id = f"bad id {uuid.uuid4().hex[:8]}"
+    await db.execute("INSERT INTO devices (id) VALUES ($1)", bad_id)
+    admin = BrokerAdmin.from_settings(settings.broker)
+    try:
+        await admin.deprovision_device(lost.device_id)
+        failed = FailedRows()
+        for _ in range(2):
+            await devices.reconcile_broker_users(sessions, admin, failed)
+        assert await admin.device_provisioned(lost.device_id)
+        assert failed.of(devices.BROKER_USERS) == [bad_id]
+    finally:
+        await admin.aclose()
+        # Out of the way of later tests (devices are never deleted).
+        await db.execute("UPDATE devices SET revoked_at = now() WHERE id = $1", bad_id)
