@@ -38,7 +38,8 @@ DOWN_TOPICS: list[tuple[str, Any, str]] = [
         config_topic("{device_id}"),
         dict[str, Any],
         "The desired configuration, retained: delivered on every subscription to this exact topic "
-        "(RabbitMQ delivers no retained message to a wildcard filter such as dev/{device_id}/down/#).",
+        "(RabbitMQ delivers no retained message to a wildcard filter such as dev/{device_id}/down/#); "
+        "the `hello` reply's `desired_config` carries it too.",
     ),
 ]
 

@@ -129,23 +129,30 @@ class Reply(WireModel):
     error: RpcError | None = None
 
 
-class HelloParams(WireModel):
+class Params(BaseModel):
+    """The params of a device request: a field the method does not define is refused (`invalid`,
+    naming it), not dropped, so that a misplaced field is not acknowledged as if it were stored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class HelloParams(Params):
     firmware: str = Field(default="", max_length=128)
     model: str = Field(default="", max_length=128)
     capabilities: list[str] = Field(default_factory=list, max_length=256)
 
 
-class ProgressParams(WireModel):
+class ProgressParams(Params):
     status_details: dict[str, Any] = Field(default_factory=dict)
 
 
-class ResultParams(WireModel):
+class ResultParams(Params):
     status: ReportedStatus
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
 
 
-class StateParams(WireModel):
+class StateParams(Params):
     reported: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -179,3 +186,7 @@ class Device(WireModel):
     capabilities: list[str] = Field(default_factory=list)
     online: bool = False
     last_seen_at: datetime | None = None
+    desired_config: dict[str, Any] | None = Field(
+        default=None,
+        description="The desired configuration (the same as retained on `dev/{id}/down/config`), null if none.",
+    )

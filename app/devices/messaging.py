@@ -15,7 +15,8 @@ class Acknowledged(WireModel):
 def register(rpc: DeviceRpcRouter, sessions: Sessions) -> None:
     @rpc.method("hello", HelloParams)
     async def hello(request: DeviceRequest[HelloParams]) -> Device:
-        """Registration on every (re)connect: firmware, model, capabilities. Idempotent."""
+        """Registration on every (re)connect: firmware, model, capabilities. Idempotent. The answer
+        is the device record with its desired configuration (`desired_config`)."""
         return await service.hello(sessions, request.device_id, request.params)
 
     @rpc.method("state", StateParams)

@@ -9,10 +9,10 @@ from app.device_rpc import DeviceRequest, DeviceRpcRouter
 from app.errors import NotFound
 from app.tasks import service
 from app.tasks.schemas import TaskRead
-from swarm_device.protocol import ProgressParams, ResultParams, WireModel
+from swarm_device.protocol import Params, ProgressParams, ResultParams
 
 
-class NoParams(WireModel):
+class NoParams(Params):
     pass
 
 

@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 
@@ -66,6 +67,20 @@ async def test_a_valid_token_with_the_scope_passes(edge: httpx.AsyncClient, sett
     response = await edge.get("/api/v1/tasks", params={"limit": 1}, headers=bearer(settings, Scope.TASKS_READ))
     assert response.status_code == 200, response.text
     assert "items" in response.json()
+
+
+async def test_a_failed_request_does_not_fail_the_next_one(operator: httpx.AsyncClient, db: asyncpg.Connection) -> None:
+    """A real 500 (a row the API would never write fails the answer's validation), then ordinary
+    requests on the same client and nginx's kept upstream connections: each answered normally,
+    none 502 (uvicorn used to close the connection after a 500 that nginx was reusing)."""
+    broken = unique_device_id("broken")
+    assert (await operator.post("/devices", json={"id": broken})).status_code == 201
+    await db.execute("""UPDATE devices SET capabilities = '{"not": "a list"}' WHERE id = $1""", broken)
+    for _ in range(5):
+        assert_problem(await operator.get(f"/devices/{broken}"), 500)
+        created = await operator.post("/devices", json={"id": unique_device_id("after")})
+        assert created.status_code == 201, created.text
+        assert (await operator.get("/tasks", params={"limit": 1})).status_code == 200
 
 
 async def test_a_body_over_the_limit_is_refused(operator: httpx.AsyncClient) -> None:
