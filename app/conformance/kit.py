@@ -168,10 +168,10 @@ async def notice_then_pull(kit: Kit) -> RuleResult:
         f"tasks/next {kit.elapsed(pulled, at)}",
         f"task {task['status']}, result {task.get('result')}",
     ]
+    # A pull already under way when the task was created may take it before the notice arrives.
     passed = (
         notice is not None
         and pulled is not None
-        and pulled.at >= notice.at
         and task["status"] == TaskStatus.SUCCEEDED
         and task.get("result") == params
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from pathlib import Path
 
@@ -59,6 +60,7 @@ async def test_a_broken_device_fails_the_rule_it_breaks(
     # A rule the flaw does not touch passes in the same run: the kit tells one failure from another.
     control = "pull-on-connect" if broken_rule == "notice-then-pull" else "notice-then-pull"
     async with BrokenDevice(settings, creds, flaw) as device:
+        await asyncio.wait_for(device.ready.wait(), 30)
         results = await kit.check_device(settings.broker, app_client, device.device_id, [broken_rule, control])
     text = kit.report(creds.device_id, results)
     print(text)
