@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 from pathlib import Path
 
@@ -43,6 +44,9 @@ def enrol(api: str, device_ids: list[str], cert_dir: Path, headers: dict[str, st
 
 
 async def conformance(args: argparse.Namespace) -> int:
+    # The tap's reconnects (e.g. during the broker-restart rule) are expected; the report says what matters.
+    for noisy in ("aiormq", "aio_pika"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
     settings = Settings(_env_file=args.env_file)
     headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
     async with httpx.AsyncClient(base_url=args.api, headers=headers, verify=args.cacert or True, timeout=120) as api:
