@@ -17,8 +17,10 @@ help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "  SWARM_STACK=$(SWARM_STACK) (dev or test) picks the stack for services, up, down, status, migrate"
 
-install: asyncapi-tool ## apt packages (RabbitMQ, nginx, PostgreSQL, mosquitto clients), the .venv, the AsyncAPI checker; a no-op when done
+install: ## apt packages (RabbitMQ, nginx, PostgreSQL, mosquitto clients), the .venv, the AsyncAPI checker; a no-op when done
 	@scripts/stack.sh install
+	@if command -v npm >/dev/null; then $(MAKE) --no-print-directory asyncapi-tool; \
+	else echo "npm not found: the AsyncAPI checker the tests use is not installed (Debian: nodejs, npm)"; fi
 
 # The official AsyncAPI parser (npm, version pinned in its package.json) that the tests validate the
 # device protocol's document with; installed here, never at test time. No lock file, no install scripts.
