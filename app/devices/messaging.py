@@ -5,11 +5,7 @@ from __future__ import annotations
 from app.db import Sessions
 from app.device_rpc import DeviceRequest, DeviceRpcRouter
 from app.devices import service
-from swarm_device.protocol import Device, HelloParams, StateParams, WireModel
-
-
-class Acknowledged(WireModel):
-    ok: bool = True
+from swarm_device.protocol import Acknowledged, Device, HelloParams, StateParams
 
 
 def register(rpc: DeviceRpcRouter, sessions: Sessions) -> None:

@@ -36,6 +36,7 @@ async def test_public_paths_need_no_token(edge: httpx.AsyncClient) -> None:
     spec = (await edge.get("/openapi.json")).json()
     assert "/api/v1/tasks" in spec["paths"]
     assert (await edge.get("/asyncapi.json")).json()["asyncapi"].startswith("3.")
+    assert (await edge.get("/asyncapi/device.json")).json()["servers"]["mqtt5"]["protocol"] == "mqtts"
     # Anything else of the app stays inside.
     assert_problem(await edge.get("/metrics"), 404)
 
