@@ -109,7 +109,15 @@ class EndStep(_Step):
 
 
 Step = Annotated[
-    DeviceTaskStep | HumanStep | DecisionStep | NotifyStep | TimerStep | ParallelStep | JoinStep | SubprocessStep | EndStep,
+    DeviceTaskStep
+    | HumanStep
+    | DecisionStep
+    | NotifyStep
+    | TimerStep
+    | ParallelStep
+    | JoinStep
+    | SubprocessStep
+    | EndStep,
     Field(discriminator="kind"),
 ]
 # Steps that wait for something outside the instance; every other kind passes at once.
@@ -125,9 +133,10 @@ class Definition(BaseModel):
     description: str | None = Field(default=None, max_length=4000)
     start: str = Field(pattern=STEP_PATTERN)
     steps: dict[Annotated[str, Field(pattern=STEP_PATTERN)], Step] = Field(min_length=1)
-    recipients: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,63}$")], list[Annotated[str, Field(pattern=EMAIL_PATTERN, max_length=320)]]] = Field(
-        default_factory=dict, description="Named groups of e-mail addresses, used as `@group` in `to`."
-    )
+    recipients: dict[
+        Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,63}$")],
+        list[Annotated[str, Field(pattern=EMAIL_PATTERN, max_length=320)]],
+    ] = Field(default_factory=dict, description="Named groups of e-mail addresses, used as `@group` in `to`.")
 
 
 def possible_outcomes(step: Step) -> tuple[str, ...]:

@@ -56,7 +56,9 @@ def problems(
     if definition.start not in steps:
         found.append(f"start: step {definition.start!r} does not exist")
     for step_id, step in steps.items():
-        found.extend(f"step {step_id!r}: {problem}" for problem in _step_problems(name, definition, step, roles, others))
+        found.extend(
+            f"step {step_id!r}: {problem}" for problem in _step_problems(name, definition, step, roles, others)
+        )
     for join_id, count in _arrivals(definition).items():
         if count < 2:
             found.append(f"step {join_id!r}: a join needs at least two parallel branches leading to it, has {count}")

@@ -8,7 +8,7 @@ from functools import lru_cache
 from typing import Any
 
 import celpy
-from celpy import celtypes
+from celpy import adapter, celtypes
 from celpy.celparser import CELParseError
 from celpy.evaluation import CELEvalError
 
@@ -30,9 +30,10 @@ def compile_expression(expression: str) -> celpy.Runner:
 
 def holds(expression: str, variables: Mapping[str, Any]) -> bool:
     """Whether `expression` is true for `variables` (JSON values). An expression that fails on
-    these values (a missing field, a type mismatch) or gives no boolean does not hold; `has(state.x)` tests for a field."""
+    these values (a missing field, a type mismatch) or gives no boolean does not hold;
+    `has(state.x)` tests for a field."""
     runner = compile_expression(expression)
-    activation = {name: celpy.json_to_cel(value) for name, value in variables.items()}
+    activation = {name: adapter.json_to_cel(value) for name, value in variables.items()}
     try:
         result = runner.evaluate(activation)
     except (CELEvalError, TypeError, ValueError):

@@ -35,8 +35,12 @@ def test_the_example_is_valid() -> None:
 
 def test_criteria_fire_mail_the_operator_and_wait_for_the_review() -> None:
     plan = engine.start(example(), context(FIRING), {"input": LIMITS})
-    assert kinds(plan) == [("Passed", "criteria"), ("Send", "tell_operator"), ("Passed", "tell_operator"),
-                           ("Open", "operator_review")]  # fmt: skip
+    assert kinds(plan) == [
+        ("Passed", "criteria"),
+        ("Send", "tell_operator"),
+        ("Passed", "tell_operator"),
+        ("Open", "operator_review"),
+    ]
     send = plan.effects[1]
     assert isinstance(send, engine.Send)
     assert send.to == ("operator@plant.example",)
@@ -63,7 +67,9 @@ def test_confirmed_opens_the_repair_in_parallel_and_the_join_waits_for_both() ->
     first = engine.complete(definition, context(FIRING), plan.data, "repair_task", "succeeded", {"result": {"ok": 1}})
     assert kinds(first)[-1] == ("Arrived", "repaired")
     assert first.finished is None
-    second = engine.complete(definition, context(FIRING), first.data, "technologist_repair", "done", joins={"repaired": 1})
+    second = engine.complete(
+        definition, context(FIRING), first.data, "technologist_repair", "done", joins={"repaired": 1}
+    )
     assert second.finished == engine.Finish("repaired")
     assert second.data["steps"]["repair_task"] == {"result": {"ok": 1}, "outcome": "succeeded"}
 
@@ -86,8 +92,12 @@ def test_every_problem_is_listed() -> None:
         {
             "ask": {"kind": "human", "role": "pilot", "outcomes": ["yes", "no"], "next": {"yes": "end", "maybe": "x"}},
             "loop": {"kind": "timer", "wait_s": 1, "next": {"done": "loop"}},
-            "check": {"kind": "decision", "conditions": [{"when": "state.x >", "outcome": "a"}], "otherwise": "b",
-                      "next": {"a": "end", "b": "end"}},  # fmt: skip
+            "check": {
+                "kind": "decision",
+                "conditions": [{"when": "state.x >", "outcome": "a"}],
+                "otherwise": "b",
+                "next": {"a": "end", "b": "end"},
+            },
             "call": {"kind": "subprocess", "definition": "nobody", "next": {"*": "end"}},
             "mail": {"kind": "notify", "channel": "email", "to": ["@nobody"], "next": {"done": "end"}},
             "end": {"kind": "end"},
@@ -112,7 +122,12 @@ def test_every_problem_is_listed() -> None:
 def test_a_cycle_without_a_way_out_is_refused() -> None:
     definition = _definition(
         {
-            "a": {"kind": "human", "role": "operator", "outcomes": ["again", "stop"], "next": {"again": "b", "stop": "z"}},
+            "a": {
+                "kind": "human",
+                "role": "operator",
+                "outcomes": ["again", "stop"],
+                "next": {"again": "b", "stop": "z"},
+            },
             "b": {"kind": "timer", "wait_s": 5, "next": {"done": "c"}},
             "c": {"kind": "timer", "wait_s": 5, "next": {"done": "b"}},
             "z": {"kind": "end"},
@@ -128,8 +143,12 @@ def test_a_cycle_without_a_way_out_is_refused() -> None:
 def test_a_loop_of_automatic_steps_fails_the_instance() -> None:
     definition = _definition(
         {
-            "d": {"kind": "decision", "conditions": [{"when": "true", "outcome": "again"}], "otherwise": "out",
-                  "next": {"again": "e", "out": "z"}},  # fmt: skip
+            "d": {
+                "kind": "decision",
+                "conditions": [{"when": "true", "outcome": "again"}],
+                "otherwise": "out",
+                "next": {"again": "e", "out": "z"},
+            },
             "e": {"kind": "notify", "channel": "webhook", "url": "http://hook.example/x", "next": {"done": "d"}},
             "z": {"kind": "end"},
         }
@@ -161,8 +180,14 @@ def test_any_join_passes_on_the_first_path_and_cancels_the_rest() -> None:
 
 def test_an_outcome_without_a_next_at_run_time_fails_the_instance() -> None:
     definition = _definition(
-        {"call": {"kind": "subprocess", "definition": "child", "next": {"completed": "z", "failed": "z", "canceled": "z"}},
-         "z": {"kind": "end"}}  # fmt: skip
+        {
+            "call": {
+                "kind": "subprocess",
+                "definition": "child",
+                "next": {"completed": "z", "failed": "z", "canceled": "z"},
+            },
+            "z": {"kind": "end"},
+        }
     )
     plan = engine.complete(definition, context({}), {"input": {}, "steps": {}}, "call", "exploded")
     assert plan.finished is not None
