@@ -168,6 +168,17 @@ def feeders(definition: Definition, join_id: str) -> frozenset[str]:
     return frozenset(_reachable(definition, [join_id], forward=False) - {join_id})
 
 
+def reads_state(definition: Definition) -> bool:
+    """Whether a step may look at the device's reported state (conditions, templates)."""
+    return any(
+        isinstance(s, DecisionStep | NotifyStep | DeviceTaskStep | SubprocessStep) for s in definition.steps.values()
+    )
+
+
+def has_joins(definition: Definition) -> bool:
+    return any(isinstance(s, JoinStep) for s in definition.steps.values())
+
+
 # --- templates ----------------------------------------------------------------------------------
 
 

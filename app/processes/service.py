@@ -192,14 +192,15 @@ async def _start(
     # The instance row first: the steps and the history refer to it.
     await session.flush()
     _record(session, instance, "process.started", None, {"version": row.version, "actor": actor, "input": body.input})
-    context = await _context(session, instance)
+    context = await _context(session, instance, definition)
     plan = engine.start(definition, context, {"input": body.input})
     await _apply(deps, session, work, instance, definition, plan)
     return instance
 
 
-async def _context(session: AsyncSession, instance: ProcessInstance) -> engine.Context:
-    state = await repo.reported_state(session, instance.device_id)
+async def _context(session: AsyncSession, instance: ProcessInstance, definition: Definition) -> engine.Context:
+    # The device's state is read only for definitions whose steps can look at it.
+    state = await repo.reported_state(session, instance.device_id) if engine.reads_state(definition) else {}
     return engine.Context(instance_id=str(instance.id), device_id=instance.device_id, state=state)
 
 
@@ -245,7 +246,8 @@ async def _apply(
                     arrivals=0,
                 )
                 session.add(step)
-                await session.flush()
+                if effect.task is not None or effect.child is not None:
+                    await session.flush()  # the step's id: its task's idempotency key, the child's parent
                 _record(session, instance, "step.opened", effect.step, {"kind": effect.kind, "role": effect.role})
                 if effect.task is not None and not await _create_task(deps, session, work, instance, step, effect.task):
                     refused.append(step)
@@ -364,6 +366,8 @@ async def _tell_parent(deps: Deps, session: AsyncSession, work: _Work, child: Pr
 
 
 async def _definition_of(session: AsyncSession, instance: ProcessInstance) -> Definition:
+    if (known := _PARSED.get(instance.definition_id)) is not None:
+        return known
     row = await repo.get_definition_by_id(session, instance.definition_id)
     assert row is not None  # a foreign key
     return parsed(row)
@@ -391,8 +395,12 @@ async def _end_waiting_step(
         {"kind": step.kind, "outcome": outcome, "actor": actor, "step_id": step.id},
         key=f"step:{step.id}",
     )
-    joins = {r.step: r.arrivals for r in await repo.steps_of(session, instance.id, open_only=True) if r.kind == "join"}
-    context = await _context(session, instance)
+    joins = (
+        {r.step: r.arrivals for r in await repo.steps_of(session, instance.id, open_only=True) if r.kind == "join"}
+        if engine.has_joins(definition)
+        else {}
+    )
+    context = await _context(session, instance, definition)
     plan = engine.complete(definition, context, instance.data, step.step, outcome, output, joins)
     await _apply(deps, session, work, instance, definition, plan)
 
