@@ -1,15 +1,13 @@
 from __future__ import annotations
 
-import base64
 import uuid
-from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Path, Query, Response, status
 
 from app.auth import Principal, Scope
 from app.dependencies import Runtime, RuntimeDep, requires
-from app.errors import InvalidInput
+from app.pagination import decode_cursor, encode_cursor
 from app.processes import service
 from app.processes.definition import NAME_PATTERN
 from app.processes.schemas import (
@@ -17,6 +15,7 @@ from app.processes.schemas import (
     DefinitionRead,
     InstanceCreate,
     InstanceDetail,
+    InstancePage,
     InstanceRead,
     StepComplete,
     StepRead,
@@ -88,38 +87,25 @@ async def start_instance(
 async def list_instances(
     runtime: RuntimeDep,
     _: Reader,
-    response: Response,
     instance_status: Annotated[
         Literal["running", "completed", "failed", "canceled"] | None, Query(alias="status")
     ] = None,
     definition: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
     device_id: Annotated[str | None, Query(pattern=DEVICE_ID_PATTERN)] = None,
-    cursor: Annotated[str | None, Query(max_length=200, description="From the Next-Cursor header.")] = None,
+    cursor: Annotated[str | None, Query(max_length=200, description="`next_cursor` of the previous page.")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-) -> list[InstanceRead]:
-    """Newest first; a full page carries the next page's cursor in the Next-Cursor header."""
+) -> InstancePage:
+    """Newest first, a page at a time."""
     items = await service.list_instances(
         _deps(runtime),
         status=instance_status,
         name=definition,
         device_id=device_id,
-        before=_decode(cursor) if cursor else None,
+        before=decode_cursor(cursor) if cursor else None,
         limit=limit,
     )
-    if len(items) == limit:
-        last = items[-1]
-        response.headers["Next-Cursor"] = base64.urlsafe_b64encode(
-            f"{last.created_at.isoformat()}|{last.id}".encode()
-        ).decode()
-    return items
-
-
-def _decode(cursor: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        created_at, instance_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
-        return datetime.fromisoformat(created_at), uuid.UUID(instance_id)
-    except ValueError as exc:
-        raise InvalidInput("cursor is not valid") from exc
+    last = items[-1] if len(items) == limit else None
+    return InstancePage(items=items, next_cursor=encode_cursor(last.created_at, last.id) if last else None)
 
 
 @router.get("/instances/{instance_id}")

@@ -83,6 +83,11 @@ class InstanceRead(BaseModel):
     finished_at: datetime | None
 
 
+class InstancePage(BaseModel):
+    items: list[InstanceRead]
+    next_cursor: str | None = Field(description="Pass as `cursor` to get the next page; null at the end.")
+
+
 class InstanceDetail(InstanceRead):
     steps: list[StepRead] = Field(description="Every waiting step, open and ended, oldest first.")
     history: list[HistoryRead] = Field(description="What happened, oldest first (also in GET /events).")

@@ -291,7 +291,7 @@ async def test_predictive_maintenance_confirmed_end_to_end(
 
         async def started() -> bool:
             listing = await app_client.get("/processes/instances", params={"device_id": creds.device_id})
-            found[:] = listing.json()
+            found[:] = listing.json()["items"]
             return bool(found)
 
         await eventually(started, within_s=WITHIN_S, every_s=0.2)
@@ -417,11 +417,16 @@ async def test_a_trigger_on_a_task_final_status_starts_an_instance(
     found: list[dict[str, Any]] = []
 
     async def started() -> bool:
-        found[:] = (await app_client.get("/processes/instances", params={"definition": name})).json()
+        found[:] = (await app_client.get("/processes/instances", params={"definition": name})).json()["items"]
         return bool(found)
 
     await eventually(started, within_s=WITHIN_S, every_s=0.2)
     assert [(i["device_id"], i["data"]["input"]) for i in found] == [(creds.device_id, {"k": 1})]
+    # Pages of one: the cursor leads to the next (here: none, the only instance was on the first).
+    page = (await app_client.get("/processes/instances", params={"definition": name, "limit": 1})).json()
+    assert [i["id"] for i in page["items"]] == [found[0]["id"]]
+    after = await app_client.get("/processes/instances", params={"definition": name, "cursor": page["next_cursor"]})
+    assert after.json() == {"items": [], "next_cursor": None}
 
 
 async def test_cancel(app_client: httpx.AsyncClient) -> None:
