@@ -49,9 +49,9 @@ DEFAULTS: dict[str, tuple[float, float]] = {
     "connect_rate": (50, 100),
     "hold_seconds": (20, 2),
     "sim_processes": (2, 1),
-    "process_workers": (32, 8),
-    "process_seconds": (15, 3),
-    "process_instances": (1_000_000, 10_000),
+    "process_workers": (32, 4),
+    "process_seconds": (15, 1),
+    "process_instances": (1_000_000, 2_000),
 }
 
 
