@@ -24,6 +24,13 @@ class Scope(StrEnum):
     TASKS_READ = "tasks:read"
     TASKS_WRITE = "tasks:write"
     DEVICES_ADMIN = "devices:admin"
+    PROCESSES_READ = "processes:read"
+    PROCESSES_WRITE = "processes:write"
+    # Complete human steps; which ones also needs the step's role as a scope `role:<name>`.
+    PROCESSES_WORK = "processes:work"
+
+
+ROLE_SCOPE_PREFIX = "role:"
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,12 @@ class Principal:
 
 # With auth disabled (a throw-away local run) every request may do everything.
 ANONYMOUS = Principal("anonymous", frozenset(Scope))
+
+
+def holds_role(principal: Principal, role: str) -> bool:
+    """Whether the principal may work on steps of `role` (everybody may when auth is off)."""
+    return principal is ANONYMOUS or f"{ROLE_SCOPE_PREFIX}{role}" in principal.scopes
+
 
 # Tokens remembered after a full check; a control center uses a few tokens for many requests.
 MAX_VERIFIED_TOKENS = 1024

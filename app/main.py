@@ -12,6 +12,7 @@ from app.devices import router as devices
 from app.errors import install_error_handlers
 from app.events import router as events
 from app.lifespan import lifespan_for
+from app.processes import router as processes
 from app.settings import Settings, get_settings
 from app.tasks import router as tasks
 
@@ -31,7 +32,7 @@ def create_app(settings: Settings) -> FastAPI:
     # Every API route needs a valid bearer token with the scope the route names (`requires`).
     # Included straight into the app: a router nested in an /api/v1 router is matched level by
     # level, on every request.
-    for api in (devices.router, tasks.router, events.router):
+    for api in (devices.router, tasks.router, events.router, processes.router):
         app.include_router(api, prefix=API_PREFIX)
     app.include_router(health.router)
     app.include_router(asyncapi.router)

@@ -68,6 +68,33 @@ class TaskSettings(BaseModel):
     long_poll_max_s: float = 60.0
 
 
+class SmtpSettings(BaseModel):
+    """Where process notifications are mailed (aiosmtplib). A server that is down delays mails:
+    they wait in the outbox (process_outbox) and are retried."""
+
+    host: str = "127.0.0.1"
+    port: int = 25
+    username: str | None = None
+    password: SecretStr | None = None
+    # Implicit TLS (usually port 465), or STARTTLS when the server offers it (None: if offered).
+    use_tls: bool = False
+    start_tls: bool | None = None
+    sender: str = "swarm-core@localhost"
+    timeout_s: float = 10.0
+
+
+class ProcessSettings(BaseModel):
+    # Roles that human steps may name; a token holds one as the scope `role:<name>`.
+    roles: list[str] = ["operator", "engineer", "technologist", "admin"]
+    smtp: SmtpSettings = SmtpSettings()
+    webhook_timeout_s: float = 10.0
+    # A notification that failed is tried again after this many seconds, doubling up to the max.
+    retry_after_s: float = 5.0
+    retry_max_s: float = 600.0
+    # Steps advanced per job run and per kind (task results, timers), each in its own transaction.
+    batch: int = 500
+
+
 class SchedulerSettings(BaseModel):
     enabled: bool = True
     deadlines_interval_s: float = 2.0
@@ -75,6 +102,7 @@ class SchedulerSettings(BaseModel):
     notices_interval_s: float = 5.0
     presence_interval_s: float = 300.0
     configs_interval_s: float = 10.0
+    processes_interval_s: float = 1.0
 
 
 class Settings(BaseSettings):
@@ -86,6 +114,7 @@ class Settings(BaseSettings):
     pki: PkiSettings = PkiSettings()
     auth: AuthSettings = AuthSettings()
     tasks: TaskSettings = TaskSettings()
+    processes: ProcessSettings = ProcessSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
 
 

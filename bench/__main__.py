@@ -3,7 +3,8 @@
 Order: the stack's services -> a fresh `swarm_bench` database -> benchmark devices (rows,
 certificates, broker users) -> raw limits (the app not running) -> the app (uvicorn, N workers)
 -> `tasks/next` on the empty database -> intake -> round trip -> connections -> bulk load ->
-`tasks/next` again. Other sections can be left out with --sections.
+`tasks/next` again -> processes (step transitions, empty and with stored instances; in the
+bench process, before the app starts). Other sections can be left out with --sections.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ import asyncpg
 import orjson
 import uvloop
 
-from bench import connections, fleet, intake, plans, raw, roundtrip, scale
+from bench import connections, fleet, intake, plans, processes, raw, roundtrip, scale
 from bench.env import ROOT, Stack, busy_percent, fresh_database, measured_commit, running_app, start_services
 from bench.progress import Progress
 
-SECTIONS = ("raw", "intake", "roundtrip", "scale", "connections")
+SECTIONS = ("raw", "intake", "roundtrip", "scale", "connections", "processes")
 RESULTS_DIR = ROOT / "bench-results"
 FLEET_PREFIX = "b-"
 # Before anything starts, the machine is watched this long: a run on a busy box measures its
@@ -53,6 +54,9 @@ DEFAULTS: dict[str, tuple[float, float]] = {
     "connect_rate": (50, 100),
     "hold_seconds": (20, 2),
     "sim_processes": (2, 1),
+    "process_workers": (32, 4),
+    "process_seconds": (15, 1),
+    "process_instances": (1_000_000, 2_000),
 }
 
 
@@ -120,7 +124,7 @@ async def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     devices = await fleet.enrol(settings, stack.dsn, FLEET_PREFIX, enrolled, stack.run_dir / "bench-devices")
     probe = devices.ids()[-1]
 
-    if "raw" in wanted or "intake" in wanted:
+    if "raw" in wanted or "intake" in wanted or "processes" in wanted:
         progress.say("raw", f"postgres INSERT+COMMIT, {int(args.concurrency)} connections")
         db = await raw.database_ceiling(stack.dsn, int(args.concurrency), args.raw_seconds, progress)
         progress.say("raw", "rabbitmq publish with confirms to amq.topic, 64 in flight")
@@ -128,6 +132,20 @@ async def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
         results["raw"] = {"postgres_insert_commit": db, "amqp_publish_confirmed": amqp}
         await _forget_raw_rows(stack)
 
+    if "processes" in wanted:
+        progress.say("processes", f"step transitions, {int(args.process_workers)} workers")
+        results["processes"] = await processes.run(
+            settings,
+            stack.dsn,
+            concurrency=int(args.process_workers),
+            duration_s=args.process_seconds,
+            loaded=int(args.process_instances),
+            progress=progress,
+        )
+        ceiling = results["raw"]["postgres_insert_commit"]["per_s"]
+        results["processes"]["ratio_to_db_ceiling"] = round(results["processes"]["empty"]["per_s"] / ceiling, 3)
+    if set(wanted) <= {"raw", "processes"}:
+        return _finish(results, args)
     if "intake" in wanted:
         await intake.prepare(settings, stack.dsn, int(args.intake_devices))
     progress.say("setup", f"starting the app: uvicorn, {args.workers} workers")
@@ -208,6 +226,10 @@ async def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
             loaded["plans_empty"] = empty_plans
             loaded["plans"] = await _plans(stack, probe)
             results["scale"] = loaded
+    return _finish(results, args)
+
+
+def _finish(results: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     results["meta"]["loadavg_end"] = os.getloadavg()
     results["targets"] = _targets(results, args)
     return results
@@ -304,6 +326,13 @@ def _targets(results: dict[str, Any], args: argparse.Namespace) -> list[dict[str
         at_size = sc["tasks"] >= 1_000_000
         change = sc["p50_change_pct"]
         check("tasks/next p50 within 20% at 1M stored tasks", change, abs(change) <= 20 if at_size else None)
+    if "processes" in results:
+        pr = results["processes"]
+        rate = pr["empty"]["per_s"]
+        check("process step transitions >= 2,000/s", rate, rate >= 2000)
+        change = pr["loaded_change_pct"]
+        at_size = pr["loaded_instances"] >= 1_000_000
+        check("transitions no slower with 1M stored instances", change, change >= -20 if at_size else None)
     if "connections" in results:
         cn = results["connections"]
         stayed = cn["stayed_connected"]
@@ -373,6 +402,16 @@ def print_table(results: dict[str, Any]) -> None:
                 "intake: batch",
                 f"{batch['persisted_per_s']:,.0f} tasks/s persisted, "
                 f"{batch['noticed_per_s']:,.0f} noticed (batches of {batch['batch_size']})",
+            )
+        )
+    if "processes" in results:
+        pr = results["processes"]
+        rows.append(
+            (
+                "processes: step transitions",
+                f"{pr['empty']['per_s']:,.0f}/s empty ({pr['ratio_to_db_ceiling']:.0%} of the db ceiling), "
+                f"{pr['loaded']['per_s']:,.0f}/s with {pr['loaded_instances']:,} stored instances "
+                f"({pr['loaded_change_pct']:+}%); {pr['concurrency']} workers",
             )
         )
     if "roundtrip" in results:

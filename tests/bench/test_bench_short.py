@@ -31,6 +31,7 @@ SECTIONS = {
     "roundtrip": ["completed", "achieved_per_s", "latency_ms.p50", "latency_ms.p99"],
     "scale": ["tasks", "devices", "next_empty_ms.p50", "next_loaded_ms.p50"],
     "connections": ["stayed_connected"],
+    "processes": ["empty.per_s", "loaded.per_s", "ratio_to_db_ceiling", "loaded_instances"],
 }
 # Memory growth over a few dozen devices is within the noise of a node's garbage collection (the
 # previous section's devices are still being freed): it must be measured, but its sign is noise.
