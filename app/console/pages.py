@@ -65,4 +65,4 @@ def render(
 
 async def form_fields(request: Request) -> dict[str, str]:
     """An urlencoded form (what htmx and plain forms send), last value of each field."""
-    return {key: value for key, value in parse_qsl((await request.body()).decode(), keep_blank_values=True)}
+    return dict(parse_qsl((await request.body()).decode(), keep_blank_values=True))

@@ -5,6 +5,7 @@ actions and its EventSource at nginx and here exactly like the bearer header (ap
 from __future__ import annotations
 
 import time
+
 from fastapi import APIRouter, Request, status
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
@@ -44,9 +45,7 @@ async def signin(request: Request, runtime: RuntimeDep) -> Response:
     landing = next((path for scope, path in LANDING.items() if scope in principal.scopes), "/tasks")
     response = RedirectResponse(f"{PREFIX}{landing}", status_code=status.HTTP_303_SEE_OTHER)
     max_age = None if principal.expires_at is None else max(int(principal.expires_at - time.time()), 0)
-    response.set_cookie(
-        SESSION_COOKIE, token, max_age=max_age, path="/", secure=True, httponly=True, samesite="strict"
-    )
+    response.set_cookie(SESSION_COOKIE, token, max_age=max_age, path="/", secure=True, httponly=True, samesite="strict")
     return response
 
 

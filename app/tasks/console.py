@@ -79,7 +79,7 @@ async def task_rows(
 @router.get("/{task_id}/history")
 async def task_history(task_id: uuid.UUID, request: Request, principal: Reader, runtime: RuntimeDep) -> HTMLResponse:
     events = await service.list_events(runtime.sessions, task_id)
-    return render(request, "_task_history.html", principal, {"events": events})
+    return render(request, "_task_history.html", principal, {"events": events, "task_id": task_id})
 
 
 def _command(fields: dict[str, str]) -> dict[str, object]:
@@ -110,7 +110,9 @@ async def create_task(request: Request, principal: Writer, runtime: RuntimeDep) 
     if not re.fullmatch(DEVICE_ID_PATTERN, device_id):
         raise InvalidInput(f"device_id {device_id!r} is not a device id.")
     task, _ = await service.create_task(runtime.intake, runtime.settings.tasks, device_id, body)
-    return render(request, "_flash.html", principal, {"message": f"Task {task.id} ({task.method}) queued for {device_id}."})
+    return render(
+        request, "_flash.html", principal, {"message": f"Task {task.id} ({task.method}) queued for {device_id}."}
+    )
 
 
 @router.post("/batch")
@@ -122,7 +124,9 @@ async def create_batch(request: Request, principal: Writer, runtime: RuntimeDep)
     except ValidationError as exc:
         raise _invalid(exc) from exc
     tasks_url = request.app.url_path_for("list_tasks")
-    batch, _ = await batch_service.create_batch(runtime.sessions, runtime.notifier, runtime.settings.tasks, body, tasks_url)
+    batch, _ = await batch_service.create_batch(
+        runtime.sessions, runtime.notifier, runtime.settings.tasks, body, tasks_url
+    )
     message = f"Batch {batch.id}: {batch.task_count} tasks ({body.method}) queued."
     return render(request, "_flash.html", principal, {"message": message})
 

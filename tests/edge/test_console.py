@@ -34,6 +34,8 @@ CHROMIUM_ARGS = [
 ]
 # A loaded 2-core box: generous waits (a wait ends as soon as its condition holds).
 WAIT_MS = 30_000
+# The tasks table's rows of one device.
+TASK_ROW = "tr.task:has(a:text-is('%s'))"
 SCREENSHOTS = ROOT / "docs" / "console" if os.environ.get("SWARM_CONSOLE_SCREENSHOTS") else None
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")
@@ -94,6 +96,8 @@ async def test_operate_the_fleet_live(
     offline_id = unique_device_id("console-off")
     creds = await enrol(operator, device_id, tmp_path)
     await enrol(operator, offline_id, tmp_path)
+    desired = {"sample_rate_s": 30}
+    assert (await operator.put(f"/devices/{device_id}/config", json=desired)).status_code == 200
 
     page = browser.pages[0] if browser.pages else await browser.new_page()
     await page.goto(f"{edge_url}/console/signin")
@@ -120,7 +124,7 @@ async def test_operate_the_fleet_live(
         await form.locator("[name=params]").fill('{"hello": "console"}')
         await form.locator("button").click()
         await expect(page.locator("#flash .ok")).to_contain_text(f"queued for {device_id}")
-        done = page.locator(f"tr.task:has(a:text-is('{device_id}'))")
+        done = page.locator(TASK_ROW % device_id)
         await expect(done).to_have_attribute("data-status", "succeeded")
         await assert_not_reloaded(page)
 
@@ -129,16 +133,29 @@ async def test_operate_the_fleet_live(
         await form.locator("[name=method]").fill("reboot")
         await form.locator("[name=params]").fill("")
         await form.locator("button").click()
-        waiting = page.locator(f"tr.task:has(a:text-is('{offline_id}'))")
+        waiting = page.locator(TASK_ROW % offline_id)
         await expect(waiting).to_have_attribute("data-status", "queued")
         await waiting.locator("button.cancel").click()
         await expect(waiting).to_have_attribute("data-status", "canceled")
         await expect(page.locator("#flash .ok")).to_contain_text("canceled")
         await assert_not_reloaded(page)
+
+        batch = page.locator("form[hx-post='/console/tasks/batch']")
+        await batch.locator("[name=device_ids]").fill(device_id)
+        await batch.locator("[name=method]").fill("echo")
+        await batch.locator("button").click()
+        await expect(page.locator("#flash .ok")).to_contain_text("1 tasks (echo) queued")
+        await expect(done).to_have_count(2)
+        await expect(page.locator(f"{TASK_ROW % device_id}[data-status=succeeded]")).to_have_count(2)
+        # A task's audit history opens under its row.
+        await done.first.locator("button.history").click()
+        await expect(page.locator("#task-history ol.events")).to_contain_text("succeeded")
+        await assert_not_reloaded(page)
         await screenshot(page, "tasks")
 
         await page.goto(f"{edge_url}/console/devices/{device_id}")
         await expect(page.locator(f"#history-{(await task_ids(operator, device_id))[0]}")).to_contain_text("succeeded")
+        await expect(page.locator("table.config")).to_contain_text('"sample_rate_s": 30')
         await screenshot(page, "device")
 
     # The device's own page hears it go offline.
@@ -221,6 +238,7 @@ async def test_the_edge_refuses_a_bad_session(edge: httpx.AsyncClient, settings:
             response = await edge.get("/console/tasks")
             assert (response.status_code, response.headers["location"]) == (303, "/console/signin")
             page = await edge.post("/console/signin", data={"token": cookie})
-            assert page.status_code == 401 and SESSION_COOKIE not in page.cookies
+            assert page.status_code == 401
+            assert SESSION_COOKIE not in page.cookies
         finally:
             edge.cookies.clear()
