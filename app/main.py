@@ -19,6 +19,8 @@ from app.tasks import console as tasks_console
 from app.tasks import router as tasks
 
 API_PREFIX = "/api/v1"
+# The operator console: server-rendered pages (app/console/pages.py), one entry per page.
+CONSOLE_PAGES = (signin.PAGE, devices_console.PAGE, tasks_console.PAGE)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -36,8 +38,7 @@ def create_app(settings: Settings) -> FastAPI:
     # level, on every request.
     for api in (devices.router, tasks.router, events.router):
         app.include_router(api, prefix=API_PREFIX)
-    # The operator console: server-rendered pages (app/console/pages.py), one entry per page.
-    pages.install(app, [signin.PAGE, devices_console.PAGE, tasks_console.PAGE])
+    pages.install(app, CONSOLE_PAGES)
     app.include_router(health.router)
     app.include_router(asyncapi.router)
     install_error_handlers(app)
