@@ -112,7 +112,6 @@ async def test_operate_the_fleet_live(
     await live(page)
     async with running(make_device(settings, creds)):
         await expect(row).to_have_attribute("data-online", "true")
-        await expect(row).to_contain_text("1.2.3")
         await assert_not_reloaded(page)
         await screenshot(page, "devices")
 
@@ -156,6 +155,8 @@ async def test_operate_the_fleet_live(
         await page.goto(f"{edge_url}/console/devices/{device_id}")
         await expect(page.locator(f"#history-{(await task_ids(operator, device_id))[0]}")).to_contain_text("succeeded")
         await expect(page.locator("table.config")).to_contain_text('"sample_rate_s": 30')
+        # What the device said in its hello (not an event of the stream: shown as the page loads).
+        await expect(page.locator("dl.facts")).to_contain_text("1.2.3 / sim")
         await screenshot(page, "device")
 
     # The device's own page hears it go offline.
@@ -190,6 +191,11 @@ async def test_an_action_beyond_the_token_is_refused(
     assert await task_ids(operator, device_id) == []
     response = await page.request.get(f"{edge_url}/console/devices")
     assert response.status == 403
+
+    # When the session is gone, the next action takes the whole page to the sign-in page.
+    await browser.clear_cookies()
+    await form.locator("button").click()
+    await expect(page).to_have_url(f"{edge_url}/console/signin")
 
 
 @pytest.fixture
