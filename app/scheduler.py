@@ -31,6 +31,7 @@ def periodic_jobs(runtime: Runtime) -> list[PeriodicJob]:
         PeriodicJob(task_jobs.resend_notices, intervals.notices_interval_s),
         PeriodicJob(device_jobs.reconcile_broker, intervals.presence_interval_s, at_start=True),
         PeriodicJob(device_jobs.publish_configs, intervals.configs_interval_s),
+        PeriodicJob(device_jobs.lift_blocks, intervals.blocks_interval_s),
     ]
 
 
