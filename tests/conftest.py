@@ -115,10 +115,17 @@ async def sessions(settings: Settings) -> AsyncIterator[Sessions]:
         await engine.dispose()
 
 
-# Periodic jobs every half second, so that deadlines, expiry and re-sent notices show within a test.
+# Periodic jobs every half second, so that deadlines, expiry, re-sent notices and lifted blocks
+# show within a test (blocks last 3 s).
 FAST_JOBS: dict[str, Any] = {
-    "scheduler": {"deadlines_interval_s": 0.5, "expiry_interval_s": 0.5, "notices_interval_s": 0.5},
+    "scheduler": {
+        "deadlines_interval_s": 0.5,
+        "expiry_interval_s": 0.5,
+        "notices_interval_s": 0.5,
+        "blocks_interval_s": 0.5,
+    },
     "tasks": {"notice_retry_after_s": 1.0},
+    "device_limits": {"block_s": 3.0},
 }
 
 
