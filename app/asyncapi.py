@@ -23,7 +23,12 @@ router = APIRouter(tags=["docs"], include_in_schema=False)
 # (topic, payload schema, description) of every core -> device topic.
 DOWN_TOPICS: list[tuple[str, Any, str]] = [
     (notify_topic("{device_id}"), Notice, "A hint: pull with tasks/next (task_queued) or stop (task_canceled)."),
-    (reply_topic("{device_id}"), Reply, "Replies to the device's requests: `result` or `error`, with the request id."),
+    (
+        reply_topic("{device_id}"),
+        Reply,
+        "Replies to the device's requests: `result` or `error`, with the request id; `rate_limited` "
+        "(with `retry_after_s`) when the device sends more requests than its limit.",
+    ),
     (config_topic("{device_id}"), dict[str, Any], "The desired configuration (retained)."),
 ]
 

@@ -319,7 +319,11 @@ def _targets(results: dict[str, Any], args: argparse.Namespace) -> list[dict[str
         fair = results["fairness"]
         ratio = fair["p99_ratio"]
         lost = fair["flooded"]["not_final_after_wait"] + fair["flooded"]["post_errors"]
-        check("other devices' p99 within 2x while one device floods", ratio, ratio <= 2.0 and not lost)
+        check(
+            "other devices' p99 within 2x while one device floods",
+            ratio,
+            ratio is not None and ratio <= 2.0 and not lost,
+        )
     return targets
 
 

@@ -71,7 +71,8 @@ async def run(
             flood_s, flood_sent = time.monotonic() - started, flood.flooded - sent_before
             flood_connects = flood.connected
     limited_at = await _last_limited_at(dsn, flooder)
-    ratio = flooded["latency_ms"]["p99"] / max(alone["latency_ms"]["p99"], 0.001)
+    # None: no victim's task finished during the flood (the ratio would be 0 and look good).
+    ratio = flooded["latency_ms"]["p99"] / max(alone["latency_ms"]["p99"], 0.001) if flooded["completed"] else None
     return {
         "victims": victims,
         "offered_per_s": rate,
@@ -84,7 +85,7 @@ async def run(
         "flooder_limited": limited_at is not None,
         "alone": alone,
         "flooded": flooded,
-        "p99_ratio": round(ratio, 2),
+        "p99_ratio": round(ratio, 2) if ratio is not None else None,
     }
 
 
