@@ -17,27 +17,12 @@ import asyncpg
 
 from app.settings import Settings
 from bench.fleet import Fleet
-from bench.progress import Progress, percentiles_ms
-from bench.roundtrip import finished_at, offer, wait_ready
+from bench.progress import Progress
+from bench.roundtrip import round_trips, wait_ready
 from bench.simulator import simulating
 
 # The flood is under way (past its hello) when the victims' tasks are offered: they meet it from its start.
 FLOOD_HEAD_START_S = 0.5
-
-
-async def _round_trips(
-    dsn: str, app_port: int, ids: list[str], rate: float, duration_s: float, headers: dict[str, str], progress: Progress
-) -> dict[str, Any]:
-    sent_at, errors = await offer(app_port, ids, rate, duration_s, headers, progress)
-    finished = await finished_at(dsn, list(sent_at), progress)
-    latencies = [finished[task_id] - sent for task_id, sent in sent_at.items() if task_id in finished]
-    return {
-        "posted": len(sent_at),
-        "post_errors": errors,
-        "completed": len(latencies),
-        "not_final_after_wait": len(sent_at) - len(latencies),
-        "latency_ms": percentiles_ms(latencies),
-    }
 
 
 async def run(
@@ -59,7 +44,7 @@ async def run(
     async with simulating(settings, fleet, victims, connect_rate=100, log_file=log_file) as simulator:
         await wait_ready(simulator, victims, victims / 10 + 60, "fairness", progress)
         progress.say("fairness", f"{victims} devices, {rate:g} tasks/s for {duration_s:g} s, no flood")
-        alone = await _round_trips(dsn, app_port, ids, rate, duration_s, headers, progress)
+        alone = await round_trips(dsn, app_port, ids, rate, duration_s, headers, progress)
         async with simulating(
             settings, fleet, 1, connect_rate=1, log_file=log_file, first=victims + 1, flood=flood_method
         ) as flood:
@@ -67,7 +52,7 @@ async def run(
             started, sent_before = time.monotonic(), flood.flooded
             await asyncio.sleep(FLOOD_HEAD_START_S)
             progress.say("fairness", f"{flooder} floods {flood_method} ({flood.flooded} sent so far); same load again")
-            flooded = await _round_trips(dsn, app_port, ids, rate, duration_s, headers, progress)
+            flooded = await round_trips(dsn, app_port, ids, rate, duration_s, headers, progress)
             flood_s, flood_sent = time.monotonic() - started, flood.flooded - sent_before
             flood_connects = flood.connected
     limited_at = await _last_limited_at(dsn, flooder)
