@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select, text, update
+from sqlalchemy import delete, func, literal, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -85,7 +85,9 @@ async def record_limited(session: AsyncSession, device_id: str, event: str, bloc
     if blocked_until is not None:
         values["blocked_until"] = blocked_until
     await session.execute(update(Device).where(Device.id == device_id).values(**values))
-    await session.execute(insert(DeviceEvent).values(device_id=device_id, event=event))
+    # Only for a device this database knows (a stray request of another stack's device is not).
+    known = select(Device.id, literal(event)).where(Device.id == device_id)
+    await session.execute(insert(DeviceEvent).from_select(["device_id", "event"], known))
 
 
 async def lock_blocks_over(session: AsyncSession, limit: int = 100) -> list[str]:
