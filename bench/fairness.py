@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 
 from app.settings import Settings
-from bench.fleet import Fleet
+from bench.fleet import Fleet, purge_queues
 from bench.progress import Progress
 from bench.roundtrip import round_trips, wait_ready
 from bench.simulator import simulating
@@ -56,6 +56,8 @@ async def run(
             flood_s, flood_sent = time.monotonic() - started, flood.flooded - sent_before
             flood_connects = flood.connected
     limited_at = await _last_limited_at(dsn, flooder)
+    # The flood's requests still queued would be worked off during the later sections (or tests).
+    leftovers = await purge_queues(settings)
     # None: no victim's task finished during the flood (the ratio would be 0 and look good).
     ratio = flooded["latency_ms"]["p99"] / max(alone["latency_ms"]["p99"], 0.001) if flooded["completed"] else None
     return {
@@ -68,6 +70,7 @@ async def run(
         "flood_per_s": round(flood_sent / flood_s, 1),
         "flooder_connected_at_end": flood_connects,
         "flooder_limited": limited_at is not None,
+        "purged_after": leftovers,
         "alone": alone,
         "flooded": flooded,
         "p99_ratio": round(ratio, 2) if ratio is not None else None,
