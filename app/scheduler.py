@@ -35,6 +35,7 @@ def periodic_jobs(runtime: Runtime) -> list[PeriodicJob]:
         PeriodicJob(process_jobs.advance_steps, intervals.processes_interval_s),
         PeriodicJob(process_jobs.deliver_notifications, intervals.processes_interval_s),
         PeriodicJob(process_jobs.run_triggers, intervals.processes_interval_s),
+        PeriodicJob(device_jobs.lift_blocks, intervals.blocks_interval_s),
     ]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -35,6 +35,25 @@ class BrokerSettings(BaseModel):
     mqtt_port: int = 35883
     # Messages a consumer may hold unacknowledged, per queue.
     prefetch: int = 64
+    # Broker connections one device certificate may hold at once (a RabbitMQ user limit).
+    device_max_connections: int = Field(default=2, ge=1)
+
+
+class DeviceLimitSettings(BaseModel):
+    """What one device may ask of the core (decision 46); the SDK stays under these by itself."""
+
+    # Requests per second, per device and per app process, and the burst a quiet device may send.
+    requests_per_s: float = Field(default=50.0, gt=0)
+    burst: int = Field(default=100, ge=1)
+    # A limited device is reported (event, device record) at most once per window.
+    report_window_s: float = Field(default=60.0, gt=0)
+    # A device sending faster than `block_rate_per_s` (over a burst of `block_burst`), or that
+    # connects more often than `connects_per_window` in a window, is blocked at the broker for
+    # `block_s`.
+    block_rate_per_s: float = Field(default=100.0, gt=0)
+    block_burst: int = Field(default=200, ge=1)
+    connects_per_window: int = Field(default=20, ge=1)
+    block_s: float = Field(default=60.0, gt=0)
 
 
 class PkiSettings(BaseModel):
@@ -103,6 +122,7 @@ class SchedulerSettings(BaseModel):
     presence_interval_s: float = 300.0
     configs_interval_s: float = 10.0
     processes_interval_s: float = 1.0
+    blocks_interval_s: float = 5.0
 
 
 class Settings(BaseSettings):
@@ -116,6 +136,7 @@ class Settings(BaseSettings):
     tasks: TaskSettings = TaskSettings()
     processes: ProcessSettings = ProcessSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
+    device_limits: DeviceLimitSettings = DeviceLimitSettings()
 
 
 @lru_cache

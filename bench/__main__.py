@@ -2,7 +2,7 @@
 
 Order: the stack's services -> a fresh `swarm_bench` database -> benchmark devices (rows,
 certificates, broker users) -> raw limits (the app not running) -> the app (uvicorn, N workers)
--> `tasks/next` on the empty database -> intake -> round trip -> connections -> bulk load ->
+-> `tasks/next` on the empty database -> intake -> round trip -> connections -> fairness -> bulk load ->
 `tasks/next` again -> processes (step transitions, empty and with stored instances; in the
 bench process, before the app starts). Other sections can be left out with --sections.
 """
@@ -26,11 +26,11 @@ import asyncpg
 import orjson
 import uvloop
 
-from bench import connections, fleet, intake, plans, processes, raw, roundtrip, scale
+from bench import connections, fairness, fleet, intake, plans, processes, raw, roundtrip, scale
 from bench.env import ROOT, Stack, busy_percent, fresh_database, measured_commit, running_app, start_services
 from bench.progress import Progress
 
-SECTIONS = ("raw", "intake", "roundtrip", "scale", "connections", "processes")
+SECTIONS = ("raw", "intake", "roundtrip", "scale", "connections", "fairness", "processes")
 RESULTS_DIR = ROOT / "bench-results"
 FLEET_PREFIX = "b-"
 # Before anything starts, the machine is watched this long: a run on a busy box measures its
@@ -57,6 +57,9 @@ DEFAULTS: dict[str, tuple[float, float]] = {
     "process_workers": (32, 4),
     "process_seconds": (15, 1),
     "process_instances": (1_000_000, 2_000),
+    "fair_victims": (20, 3),
+    "fair_rate": (20, 10),
+    "fair_seconds": (20, 4),
 }
 
 
@@ -71,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-hello", action="store_true", help="connections: devices only connect (no hello, no tasks/next)"
     )
+    parser.add_argument("--flood-method", default="tasks/next", help="fairness: the method the flooding device sends")
     parser.add_argument("--output", type=Path, default=None, help="JSON file (default: bench-results/<time>.json)")
     parser.add_argument(
         "--busy-threshold",
@@ -118,6 +122,8 @@ async def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     simulated = [
         int(args.rt_devices) if "roundtrip" in wanted else 0,
         int(args.connections) if "connections" in wanted else 0,
+        # The victims and the flooding device.
+        int(args.fair_victims) + 1 if "fairness" in wanted else 0,
     ]
     enrolled = max(simulated) + 1
     progress.say("setup", f"enrolling {enrolled} devices (rows, certificates, broker users)")
@@ -212,6 +218,20 @@ async def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
                 processes=int(args.sim_processes),
                 no_hello=args.no_hello,
                 app_pids=app.pids(),
+                log_file=logs["simulator"],
+                progress=progress,
+            )
+        if "fairness" in wanted:
+            results["fairness"] = await fairness.run(
+                settings,
+                stack.dsn,
+                devices,
+                app_port=stack.app_port,
+                victims=int(args.fair_victims),
+                rate=args.fair_rate,
+                duration_s=args.fair_seconds,
+                flood_method=args.flood_method,
+                headers=_headers(args),
                 log_file=logs["simulator"],
                 progress=progress,
             )
@@ -343,6 +363,15 @@ def _targets(results: dict[str, Any], args: argparse.Namespace) -> list[dict[str
             stayed,
             stayed >= 10_000 and answered if args.connections >= 10_000 else None,
         )
+    if "fairness" in results:
+        fair = results["fairness"]
+        ratio = fair["p99_ratio"]
+        lost = fair["flooded"]["not_final_after_wait"] + fair["flooded"]["post_errors"]
+        check(
+            "other devices' p99 within 2x while one device floods",
+            ratio,
+            ratio is not None and ratio <= 2.0 and not lost,
+        )
     return targets
 
 
@@ -466,6 +495,25 @@ def print_table(results: dict[str, Any]) -> None:
                 f"broker {cn['broker_bytes_per_device'] / 1024:.0f} KiB, "
                 f"app {cn['app_bytes_per_device'] / 1024:.1f} KiB, "
                 f"simulator {cn['simulator_bytes_per_device'] / 1024:.0f} KiB",
+            )
+        )
+    if "fairness" in results:
+        fair = results["fairness"]
+        alone, flooded = fair["alone"]["latency_ms"], fair["flooded"]["latency_ms"]
+        rows.append(
+            (
+                "fairness: load",
+                f"{fair['offered_per_s']:g} tasks/s over {fair['victims']} devices; {fair['flooder']} floods "
+                f"{fair['flood_method']} ({fair['flood_sent']:,} sent, {fair['flood_per_s']:,.0f}/s; "
+                f"limited: {fair['flooder_limited']})",
+            )
+        )
+        rows.append(("fairness: p50/p99 alone", f"{alone['p50']} / {alone['p99']} ms"))
+        rows.append(
+            (
+                "fairness: p50/p99 flooded",
+                f"{flooded['p50']} / {flooded['p99']} ms (p99 x{fair['p99_ratio']}; "
+                f"{fair['flooded']['not_final_after_wait']} not final)",
             )
         )
     width = max(len(name) for name, _ in rows) if rows else 0

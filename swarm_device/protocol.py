@@ -94,6 +94,8 @@ class ErrorCode(StrEnum):
     NOT_FOUND = "not_found"
     CONFLICT = "conflict"
     INTERNAL = "internal"
+    # The device sent more requests than its limit allows: wait `retry_after_s`, then send again.
+    RATE_LIMITED = "rate_limited"
 
 
 # What each error code tells the device to do (the AsyncAPI document lists them).
@@ -128,6 +130,8 @@ class Request(WireModel):
 class RpcError(WireModel):
     code: ErrorCode
     message: str
+    # Only with `rate_limited`: how long to wait before sending again.
+    retry_after_s: float | None = None
 
 
 class Reply(WireModel):

@@ -125,16 +125,19 @@ def _free_port() -> int:
 # Where the tests' in-process SMTP server listens (tests/e2e/test_processes.py).
 SMTP_PORT = _free_port()
 
-# Periodic jobs every half second, so that deadlines, expiry and re-sent notices show within a test.
+# Periodic jobs every half second, so that deadlines, expiry, re-sent notices and lifted blocks
+# show within a test (blocks last 3 s).
 FAST_JOBS: dict[str, Any] = {
     "scheduler": {
         "deadlines_interval_s": 0.5,
         "expiry_interval_s": 0.5,
         "notices_interval_s": 0.5,
         "processes_interval_s": 0.5,
+        "blocks_interval_s": 0.5,
     },
     "tasks": {"notice_retry_after_s": 1.0},
     "processes": {"smtp": {"port": SMTP_PORT}, "retry_after_s": 0.5, "retry_max_s": 2.0},
+    "device_limits": {"block_s": 3.0},
 }
 
 
