@@ -18,6 +18,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.devices.broker_admin import BrokerAdmin
 from app.settings import Settings
 from swarm_device import protocol
 from swarm_device.protocol import METHOD_STATE, METHOD_TASKS_NEXT
@@ -32,6 +33,8 @@ FLOOD = 1500
 FLOOD_WINDOW = 50
 # CONNACK "not authorised" (MQTT 3.1.1 return code 5), as paho 2 reports it (reason code 0x87).
 NOT_AUTHORISED = 135
+# CONNACK "identifier rejected" (3.1.1 return code 2), as paho 2 reports it (reason code 133).
+CLIENT_ID_NOT_VALID = 133
 
 
 @contextlib.asynccontextmanager
@@ -173,11 +176,31 @@ async def _unblocked(app_client: httpx.AsyncClient, device_id: str) -> bool:
     return not await _blocked(app_client, device_id)
 
 
-async def test_one_certificate_holds_at_most_two_connections(enrol_device: EnrolDevice, settings: Settings) -> None:
+async def test_one_certificate_holds_one_mqtt_connection(enrol_device: EnrolDevice, settings: Settings) -> None:
     creds = await enrol_device("conn")
-    # Other client ids than the device id: no session queue, so the broker's limit is all that stops them.
-    async with mqtt_connection(settings, creds, creds.device_id), mqtt_connection(settings, creds, "second"):
-        assert await refused_code(settings, creds, "third") == NOT_AUTHORISED
+    # RabbitMQ 4 binds the client id to the certificate: no second id for the same certificate ...
+    assert await refused_code(settings, creds, "second") == CLIENT_ID_NOT_VALID
+    # ... and a second connection under the device's id takes the first one's place: never two at once.
+    admin = BrokerAdmin.from_settings(settings.broker)
+    try:
+        with contextlib.suppress(aiomqtt.MqttError):  # the first connection is closed by the takeover
+            async with (
+                mqtt_connection(settings, creds, creds.device_id),
+                mqtt_connection(settings, creds, creds.device_id),
+            ):
+
+                async def one_connection() -> bool:
+                    return await admin.device_connection_count(creds.device_id) == 1
+
+                await eventually(one_connection, within_s=30)
+        # The user limit (max-connections) also caps what the certificate may open over AMQPS.
+        broker = settings.broker
+        auth = (broker.management_user, broker.management_password.get_secret_value())
+        async with httpx.AsyncClient(base_url=broker.management_url, auth=auth) as management:
+            limits = (await management.get(f"/api/user-limits/{creds.device_id}")).json()
+        assert limits[0]["value"] == {"max-connections": broker.device_max_connections}
+    finally:
+        await admin.aclose()
     await eventually(lambda: _accepted(settings, creds), within_s=30)
 
 
