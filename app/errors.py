@@ -54,6 +54,7 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 # What any API route may answer: a body that is not JSON (400), no or a bad token, a token
 # without the scope, a request that does not match the schema, the database out of reach.
 API_ERRORS = problem_responses(400, 401, 403, 422, 503)
+NOT_FOUND = problem_responses(404)
 
 
 class AppError(Exception):

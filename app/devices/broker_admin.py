@@ -172,13 +172,24 @@ class BrokerAdmin:
             max_connections=settings.device_max_connections,
         )
 
+    def is_device(self, user: str) -> bool:
+        """A device's user, not one of the core's own (which the devices API must never touch)."""
+        return user not in self._own_users and DEVICE_ID_RE.fullmatch(user) is not None
+
+    def device_user(self, device_id: str) -> str:
+        """The broker user of a device; refused for an invalid id or one of the core's own users."""
+        _checked(device_id)
+        if device_id in self._own_users:
+            raise InvalidInput(f"device id {device_id!r} is reserved: it is a broker user of the core itself")
+        return device_id
+
     async def aclose(self) -> None:
         await self._client.aclose()
 
     async def provision_device(self, device_id: str) -> None:
         """Create (or reset) the device's passwordless user, its connection limits, its topic and its
         vhost permissions."""
-        user = _segment(_checked(device_id))
+        user = _segment(self.device_user(device_id))
         vhost = _segment(self._vhost)
         # An empty password_hash: no password login at all, only the certificate (EXTERNAL).
         await self._call("PUT", f"/api/users/{user}", json={"password_hash": "", "tags": ""})
@@ -196,7 +207,7 @@ class BrokerAdmin:
         Two, normally: a device reconnecting after a network change takes its session over while
         the broker still counts the old connection, which one would refuse until keepalive ends it.
         """
-        user = _segment(_checked(device_id))
+        user = _segment(self.device_user(device_id))
         for name, value in device_user_limits(connections).items():
             await self._call("PUT", f"/api/user-limits/{user}/{name}", json={"value": value})
 
@@ -219,7 +230,7 @@ class BrokerAdmin:
         RabbitMQ then closes the user's open connections by itself (seen on 3.10); revocation
         still calls `close_device_connections`, which does not depend on that.
         """
-        user = _segment(_checked(device_id))
+        user = _segment(self.device_user(device_id))
         response = await self._call("DELETE", f"/api/users/{user}", missing_ok=True)
         if response is None:
             logger.info("broker user of device %s was already gone", device_id)
@@ -236,7 +247,7 @@ class BrokerAdmin:
         """
         listed = await self.device_connection_count(device_id)
         # Even with none listed: a connection may have been accepted since.
-        path = f"/api/connections/username/{_segment(_checked(device_id))}"
+        path = f"/api/connections/username/{_segment(self.device_user(device_id))}"
         await self._call("DELETE", path, headers={"X-Reason": reason})
         if listed:
             logger.info("closed %d broker connection(s) of device %s", listed, device_id)
@@ -244,14 +255,14 @@ class BrokerAdmin:
 
     async def device_connection_count(self, device_id: str) -> int:
         """How many connections the device's user has open now (the broker's connection tracking)."""
-        path = f"/api/connections/username/{_segment(_checked(device_id))}"
+        path = f"/api/connections/username/{_segment(self.device_user(device_id))}"
         return len(_parse(await self._call("GET", path), _connections))
 
     async def device_users(self) -> set[str]:
         """Users with permissions on the devices vhost, except the core's own: for reconciliation."""
         response = await self._call("GET", f"/api/vhosts/{_segment(self._vhost)}/permissions")
         permissions = _parse(response, _permissions)
-        return {p.user for p in permissions if p.user not in self._own_users and DEVICE_ID_RE.fullmatch(p.user)}
+        return {p.user for p in permissions if self.is_device(p.user)}
 
     async def connections(self) -> list[ConnectionInfo]:
         """Open connections of the devices vhost (devices and the core alike): for presence.
@@ -272,7 +283,7 @@ class BrokerAdmin:
         A half-done provisioning (a crash between calls) or a hand-edited user answers False, so
         that reconciliation provisions it again.
         """
-        user = _segment(_checked(device_id))
+        user = _segment(self.device_user(device_id))
         vhost = _segment(self._vhost)
         if await self._call("GET", f"/api/users/{user}", missing_ok=True) is None:
             return False

@@ -15,14 +15,13 @@ from app.devices.schemas import (
     DevicePage,
     DeviceRead,
 )
-from app.errors import API_ERRORS, problem_responses
+from app.errors import API_ERRORS, NOT_FOUND, problem_responses
 from app.storable_json import StorableObject
 from swarm_device.protocol import DEVICE_ID_PATTERN
 
 router = APIRouter(
     prefix="/devices", tags=["devices"], dependencies=[requires(Scope.DEVICES_ADMIN)], responses=API_ERRORS
 )
-NOT_FOUND = problem_responses(404)
 
 DeviceIdPath = Annotated[str, Path(pattern=DEVICE_ID_PATTERN, description="The device id (certificate CN).")]
 

@@ -43,6 +43,7 @@ async def active_device(session: AsyncSession, device_id: str, *, lock: bool = F
 
 async def enrol_device(sessions: Sessions, admin: BrokerAdmin, device_id: str) -> tuple[DeviceRead, bool]:
     """Create the device (idempotent) and its broker user. Returns the device and whether it is new."""
+    admin.device_user(device_id)  # before anything is stored: the core's own broker users are no devices
     async with sessions() as session:
         existing = await repo.get_device(session, device_id)
         if existing is not None and existing.revoked_at is not None:
@@ -61,7 +62,10 @@ async def record_limited(
     one is also shut out at the broker (its connections closed, new ones refused) for `block_s`.
 
     Committed first: if the broker call fails, `lift_blocks` still clears what was recorded.
+    The core's own broker users (its MQTT config publisher connects often) are never limited.
     """
+    if not admin.is_device(device_id):
+        return
     blocked_until = datetime.now(UTC) + timedelta(seconds=settings.block_s) if event is LimitEvent.BLOCKED else None
     async with sessions() as session:
         await repo.record_limited(session, device_id, event.value, blocked_until)

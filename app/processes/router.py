@@ -7,6 +7,7 @@ from fastapi import APIRouter, Header, Path, Query, Response, status
 
 from app.auth import Principal, Scope
 from app.dependencies import Runtime, RuntimeDep, requires
+from app.errors import API_ERRORS, NOT_FOUND, problem_responses
 from app.pagination import decode_cursor, encode_cursor
 from app.processes import service
 from app.processes.definition import NAME_PATTERN
@@ -24,7 +25,7 @@ from app.processes.schemas import (
 )
 from swarm_device.protocol import DEVICE_ID_PATTERN
 
-router = APIRouter(prefix="/processes", tags=["processes"])
+router = APIRouter(prefix="/processes", tags=["processes"], responses=API_ERRORS)
 
 NamePath = Annotated[str, Path(pattern=NAME_PATTERN)]
 Reader = Annotated[Principal, requires(Scope.PROCESSES_READ)]
@@ -36,7 +37,7 @@ def _deps(runtime: Runtime) -> service.Deps:
     return service.Deps(runtime.sessions, runtime.settings, runtime.notifier)
 
 
-@router.post("/definitions", status_code=status.HTTP_201_CREATED)
+@router.post("/definitions", status_code=status.HTTP_201_CREATED, responses=problem_responses(409))
 async def create_definition(body: DefinitionCreate, runtime: RuntimeDep, principal: Writer) -> DefinitionRead:
     """Store a definition as the next version of its name. One that cannot run is refused with
     422 and `problems`: every unreachable step, outcome leading nowhere, cycle without a way out,
@@ -50,25 +51,25 @@ async def list_definitions(runtime: RuntimeDep, _: Reader) -> list[DefinitionRea
     return await service.list_definitions(_deps(runtime), None)
 
 
-@router.get("/definitions/{name}")
+@router.get("/definitions/{name}", responses=NOT_FOUND)
 async def get_definition(name: NamePath, runtime: RuntimeDep, _: Reader) -> DefinitionRead:
     """The newest version."""
     return await service.get_definition(_deps(runtime), name, None)
 
 
-@router.get("/definitions/{name}/versions")
+@router.get("/definitions/{name}/versions", responses=NOT_FOUND)
 async def list_versions(name: NamePath, runtime: RuntimeDep, _: Reader) -> list[DefinitionRead]:
     return await service.list_definitions(_deps(runtime), name)
 
 
-@router.get("/definitions/{name}/versions/{version}")
+@router.get("/definitions/{name}/versions/{version}", responses=NOT_FOUND)
 async def get_version(
     name: NamePath, version: Annotated[int, Path(ge=1)], runtime: RuntimeDep, _: Reader
 ) -> DefinitionRead:
     return await service.get_definition(_deps(runtime), name, version)
 
 
-@router.post("/instances", status_code=status.HTTP_201_CREATED)
+@router.post("/instances", status_code=status.HTTP_201_CREATED, responses=problem_responses(404, 409))
 async def start_instance(
     body: InstanceCreate,
     runtime: RuntimeDep,
@@ -108,19 +109,19 @@ async def list_instances(
     return InstancePage(items=items, next_cursor=encode_cursor(last.created_at, last.id) if last else None)
 
 
-@router.get("/instances/{instance_id}")
+@router.get("/instances/{instance_id}", responses=NOT_FOUND)
 async def get_instance(instance_id: uuid.UUID, runtime: RuntimeDep, _: Reader) -> InstanceDetail:
     """The instance with its steps (open and ended) and its full history."""
     return await service.get_instance(_deps(runtime), instance_id)
 
 
-@router.post("/instances/{instance_id}/cancel")
+@router.post("/instances/{instance_id}/cancel", responses=problem_responses(404, 409))
 async def cancel_instance(instance_id: uuid.UUID, runtime: RuntimeDep, principal: Writer) -> InstanceDetail:
     """Cancel a running instance and its sub-processes (device tasks already queued keep running)."""
     return await service.cancel_instance(_deps(runtime), instance_id, principal)
 
 
-@router.post("/instances/{instance_id}/steps/{step_id}/complete")
+@router.post("/instances/{instance_id}/steps/{step_id}/complete", responses=problem_responses(404, 409))
 async def complete_step(
     instance_id: uuid.UUID, step_id: int, body: StepComplete, runtime: RuntimeDep, principal: Worker
 ) -> InstanceDetail:
@@ -140,7 +141,7 @@ async def work_list(
     return await service.work_list(_deps(runtime), principal, role, limit)
 
 
-@router.post("/triggers", status_code=status.HTTP_201_CREATED)
+@router.post("/triggers", status_code=status.HTTP_201_CREATED, responses=problem_responses(404))
 async def create_trigger(body: TriggerCreate, runtime: RuntimeDep, _: Writer) -> TriggerRead:
     """Start instances by themselves: for each task reaching a final status (of a method, in
     some statuses), each device going offline, or each reported state matching a condition."""

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response, status
 
 from app.auth import Scope
 from app.dependencies import RuntimeDep, requires
-from app.errors import API_ERRORS, problem_responses
+from app.errors import API_ERRORS, NOT_FOUND, problem_responses
 from app.tasks import batch as batch_service
 from app.tasks import service
 from app.tasks.schemas import (
@@ -24,7 +24,6 @@ from swarm_device.protocol import DEVICE_ID_PATTERN, TaskStatus
 
 # `{task_id:uuid}`: a path that is no task id (`/tasks/batch`) is not taken for one.
 router = APIRouter(tags=["tasks"], responses=API_ERRORS)
-NOT_FOUND = problem_responses(404)
 
 DeviceIdPath = Annotated[str, Path(pattern=DEVICE_ID_PATTERN, description="The device id (certificate CN).")]
 IdempotencyKey = Annotated[

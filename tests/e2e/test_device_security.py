@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from cryptography import x509
 
 from app import pki
 from app.db import create_engine, create_sessionmaker
@@ -292,3 +293,14 @@ async def test_start_up_reconciliation_repairs_the_broker(
         await admin.aclose()
         await engine.dispose()
     assert await broker_state(settings, lost.device_id) == before
+
+
+async def test_the_cores_own_broker_users_cannot_be_enrolled(app_client: httpx.AsyncClient, settings: Settings) -> None:
+    core_user = pki.common_name(x509.load_pem_x509_certificate(settings.broker.cert_file.read_bytes()))
+    assert core_user is not None
+    for user in (core_user, settings.broker.management_user):
+        response = await app_client.post("/devices", json={"id": user})
+        assert response.status_code == 422, response.text
+        assert "reserved" in response.json()["detail"]
+        # Refused before anything was stored, and the broker user kept what it had.
+        assert (await app_client.get(f"/devices/{user}")).status_code == 404
