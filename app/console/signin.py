@@ -17,7 +17,7 @@ from app.errors import AppError, Forbidden
 router = APIRouter()
 
 # Where a signed-in operator lands: the first page their scopes open.
-LANDING = {Scope.DEVICES_ADMIN: "/devices", Scope.TASKS_READ: "/tasks"}
+LANDING = {Scope.DEVICES_ADMIN: "/devices", Scope.PROCESSES_WORK: "/processes/work", Scope.TASKS_READ: "/tasks"}
 
 
 def _check_origin(request: Request) -> None:
