@@ -258,8 +258,9 @@ async def test_the_edge_refuses_a_bad_session(edge: httpx.AsyncClient, settings:
 WORKER = (Scope.PROCESSES_READ, Scope.PROCESSES_WORK, Scope.TASKS_READ)
 
 
+@pytest.fixture
 async def predicted_defect(operator: httpx.AsyncClient, db: asyncpg.Connection, tmp_path: Path) -> str:
-    """An instance of the seed's example whose criteria fire: its operator's review is open."""
+    """The id of an instance of the seed's example whose criteria fire: its operator's review is open."""
     name = unique("predictive-maintenance")
     created = await operator.post("/processes/definitions", json=example(name))
     assert created.status_code == 201, created.text
@@ -279,18 +280,19 @@ async def predicted_defect(operator: httpx.AsyncClient, db: asyncpg.Connection, 
     return str(body["id"])
 
 
-async def test_work_on_a_process_step_live(
-    browser: BrowserContext,
-    operator: httpx.AsyncClient,
-    edge_url: str,
-    settings: Settings,
-    db: asyncpg.Connection,
-    tmp_path: Path,
-) -> None:
-    instance_id = await predicted_defect(operator, db, tmp_path)
+async def work_list(browser: BrowserContext, edge_url: str, api_token: str) -> Page:
+    """Signed in with a token that may work on steps: the console opens on the work list."""
     page = browser.pages[0] if browser.pages else await browser.new_page()
-    await sign_in(page, edge_url, token(settings, *WORKER, "role:operator", "role:technologist"))
+    await sign_in(page, edge_url, api_token)
     await expect(page).to_have_url(f"{edge_url}/console/processes/work")
+    return page
+
+
+async def test_work_on_a_process_step_live(
+    browser: BrowserContext, predicted_defect: str, edge_url: str, settings: Settings
+) -> None:
+    instance_id = predicted_defect
+    page = await work_list(browser, edge_url, token(settings, *WORKER, "role:operator", "role:technologist"))
     review = page.locator(f"#role-operator tr.step[data-instance='{instance_id}'][data-step=operator_review]")
     await expect(review).to_contain_text("Confirm the prediction")
     await expect(review.locator("button.outcome")).to_have_text(["confirmed", "rejected"])
@@ -320,20 +322,14 @@ async def test_work_on_a_process_step_live(
     await expect(page.locator("tr.step[data-step=repair_task]")).to_have_attribute("data-status", "open")
     await expect(page.locator("#instance-status")).to_have_text("running")
     await assert_not_reloaded(page)
+    await screenshot(page, "process")
 
 
 async def test_a_step_of_another_role_is_refused(
-    browser: BrowserContext,
-    operator: httpx.AsyncClient,
-    edge_url: str,
-    settings: Settings,
-    db: asyncpg.Connection,
-    tmp_path: Path,
+    browser: BrowserContext, predicted_defect: str, operator: httpx.AsyncClient, edge_url: str, settings: Settings
 ) -> None:
-    instance_id = await predicted_defect(operator, db, tmp_path)
-    page = browser.pages[0] if browser.pages else await browser.new_page()
-    await sign_in(page, edge_url, token(settings, *WORKER, "role:engineer"))
-    await expect(page).to_have_url(f"{edge_url}/console/processes/work")
+    instance_id = predicted_defect
+    page = await work_list(browser, edge_url, token(settings, *WORKER, "role:engineer"))
     # Only the roles the token holds have a list.
     await expect(page.locator("section.role h2")).to_have_text(["engineer"])
     await expect(page.locator(f"tr.step[data-instance='{instance_id}']")).to_have_count(0)
