@@ -330,6 +330,9 @@ async def test_a_step_of_another_role_is_refused(
 ) -> None:
     instance_id = predicted_defect
     page = await work_list(browser, edge_url, token(settings, *WORKER, "role:engineer"))
+    # The console's home is the work list too, for such a token.
+    await page.goto(f"{edge_url}/console")
+    await expect(page).to_have_url(f"{edge_url}/console/processes/work")
     # Only the roles the token holds have a list.
     await expect(page.locator("section.role h2")).to_have_text(["engineer"])
     await expect(page.locator(f"tr.step[data-instance='{instance_id}']")).to_have_count(0)
