@@ -14,6 +14,7 @@ from app.devices import router as devices
 from app.errors import install_error_handlers
 from app.events import router as events
 from app.lifespan import lifespan_for
+from app.processes import console as processes_console
 from app.processes import router as processes
 from app.settings import Settings, get_settings
 from app.tasks import console as tasks_console
@@ -21,7 +22,7 @@ from app.tasks import router as tasks
 
 API_PREFIX = "/api/v1"
 # The operator console: server-rendered pages (app/console/pages.py), one entry per page.
-CONSOLE_PAGES = (signin.PAGE, devices_console.PAGE, tasks_console.PAGE)
+CONSOLE_PAGES = (signin.PAGE, devices_console.PAGE, tasks_console.PAGE, processes_console.PAGE)
 
 
 def create_app(settings: Settings) -> FastAPI:

@@ -9,7 +9,7 @@ import time
 from fastapi import APIRouter, Request, status
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from app.auth import SESSION_COOKIE, Scope, same_origin
+from app.auth import SESSION_COOKIE, Principal, Scope, same_origin
 from app.console.pages import PREFIX, ConsolePage, form_fields, templates
 from app.dependencies import RuntimeDep
 from app.errors import AppError, Forbidden
@@ -17,7 +17,11 @@ from app.errors import AppError, Forbidden
 router = APIRouter()
 
 # Where a signed-in operator lands: the first page their scopes open.
-LANDING = {Scope.DEVICES_ADMIN: "/devices", Scope.TASKS_READ: "/tasks"}
+LANDING = {Scope.DEVICES_ADMIN: "/devices", Scope.PROCESSES_WORK: "/processes/work", Scope.TASKS_READ: "/tasks"}
+
+
+def _landing(principal: Principal) -> str:
+    return PREFIX + next((path for scope, path in LANDING.items() if scope in principal.scopes), "/tasks")
 
 
 def _check_origin(request: Request) -> None:
@@ -42,8 +46,7 @@ async def signin(request: Request, runtime: RuntimeDep) -> Response:
     except AppError as exc:
         context = {"prefix": PREFIX, "error": exc.detail}
         return templates.TemplateResponse(request, "signin.html", context, status_code=exc.status)
-    landing = next((path for scope, path in LANDING.items() if scope in principal.scopes), "/tasks")
-    response = RedirectResponse(f"{PREFIX}{landing}", status_code=status.HTTP_303_SEE_OTHER)
+    response = RedirectResponse(_landing(principal), status_code=status.HTTP_303_SEE_OTHER)
     max_age = None if principal.expires_at is None else max(int(principal.expires_at - time.time()), 0)
     response.set_cookie(SESSION_COOKIE, token, max_age=max_age, path="/", secure=True, httponly=True, samesite="strict")
     return response
@@ -63,9 +66,11 @@ async def signout(request: Request) -> Response:
 
 
 @router.get("")
-async def home() -> Response:
+async def home(request: Request, runtime: RuntimeDep) -> Response:
     # nginx sends a request without a valid session to the sign-in page before it gets here.
-    return RedirectResponse(f"{PREFIX}/devices", status_code=status.HTTP_303_SEE_OTHER)
+    session = request.cookies.get(SESSION_COOKIE)
+    landing = _landing(runtime.tokens.verify(session)) if session else f"{PREFIX}/devices"
+    return RedirectResponse(landing, status_code=status.HTTP_303_SEE_OTHER)
 
 
 PAGE = ConsolePage(router)

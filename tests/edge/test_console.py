@@ -1,16 +1,19 @@
 """The operator console in a real browser (Debian's headless Chromium, driven by Playwright)
 through nginx to the in-process app, with a real device over TLS MQTT: sign in, watch a device
-come online and a task succeed live, cancel one, and be refused what the token may not do.
+come online and a task succeed live, cancel one, and be refused what the token may not do; work
+on a business process's human steps from the work list and watch the instance move on.
 
 SWARM_CONSOLE_SCREENSHOTS=1 also writes the main pages to docs/console/*.png."""
 
 from __future__ import annotations
 
+import json
 import os
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 from playwright.async_api import BrowserContext, Page, async_playwright, expect
@@ -18,6 +21,7 @@ from playwright.async_api import BrowserContext, Page, async_playwright, expect
 from app.auth import CSRF_HEADER, SESSION_COOKIE, Scope, csrf_token, mint_token
 from app.settings import Settings
 from tests.conftest import ROOT, enrol, unique_device_id
+from tests.e2e.test_processes import example, open_step, unique
 from tests.e2e.test_sdk_device import make_device, running
 
 CHROMIUM = "/usr/bin/chromium"
@@ -61,7 +65,7 @@ async def browser(tmp_path: Path) -> AsyncIterator[BrowserContext]:
             await context.close()
 
 
-def token(settings: Settings, *scopes: Scope) -> str:
+def token(settings: Settings, *scopes: str) -> str:
     return mint_token(settings.auth, "operator", scopes, 3600)
 
 
@@ -248,3 +252,101 @@ async def test_the_edge_refuses_a_bad_session(edge: httpx.AsyncClient, settings:
             assert SESSION_COOKIE not in page.cookies
         finally:
             edge.cookies.clear()
+
+
+# Whoever works on process steps: the work list, the instance pages, the event stream (tasks:read).
+WORKER = (Scope.PROCESSES_READ, Scope.PROCESSES_WORK, Scope.TASKS_READ)
+
+
+@pytest.fixture
+async def predicted_defect(operator: httpx.AsyncClient, db: asyncpg.Connection, tmp_path: Path) -> str:
+    """The id of an instance of the seed's example whose criteria fire: its operator's review is open."""
+    name = unique("predictive-maintenance")
+    created = await operator.post("/processes/definitions", json=example(name))
+    assert created.status_code == 201, created.text
+    device_id = unique_device_id("console-pm")
+    await enrol(operator, device_id, tmp_path)
+    state = {"vibration_mm_s": 9.1, "bearing_temp_c": 95.0}
+    await db.execute(
+        "UPDATE devices SET reported_state = $2::jsonb, reported_at = now() WHERE id = $1", device_id, json.dumps(state)
+    )
+    limits = {"vibration_limit": 7.0, "temperature_limit": 80.0}
+    started = await operator.post(
+        "/processes/instances", json={"definition": name, "device_id": device_id, "input": limits}
+    )
+    assert started.status_code == 201, started.text
+    body = started.json()
+    assert open_step((await operator.get(f"/processes/instances/{body['id']}")).json(), "operator_review")
+    return str(body["id"])
+
+
+async def work_list(browser: BrowserContext, edge_url: str, api_token: str) -> Page:
+    """Signed in with a token that may work on steps: the console opens on the work list."""
+    page = browser.pages[0] if browser.pages else await browser.new_page()
+    await sign_in(page, edge_url, api_token)
+    await expect(page).to_have_url(f"{edge_url}/console/processes/work")
+    return page
+
+
+async def test_work_on_a_process_step_live(
+    browser: BrowserContext, predicted_defect: str, edge_url: str, settings: Settings
+) -> None:
+    instance_id = predicted_defect
+    page = await work_list(browser, edge_url, token(settings, *WORKER, "role:operator", "role:technologist"))
+    review = page.locator(f"#role-operator tr.step[data-instance='{instance_id}'][data-step=operator_review]")
+    await expect(review).to_contain_text("Confirm the prediction")
+    await expect(review.locator("button.outcome")).to_have_text(["confirmed", "rejected"])
+    repair = page.locator(f"#role-technologist tr.step[data-instance='{instance_id}'][data-step=technologist_repair]")
+    await expect(repair).to_have_count(0)
+    await live(page)
+    await screenshot(page, "worklist")
+
+    await review.locator("button[data-outcome=confirmed]").click()
+    await expect(page.locator("#flash .ok")).to_contain_text("operator_review")
+    # The event stream moves the step off the operator's list and the technologist's onto theirs.
+    await expect(review).to_have_count(0)
+    await expect(repair).to_contain_text("Repair the device")
+    await assert_not_reloaded(page)
+
+    await repair.locator(f"a[href='/console/processes/instances/{instance_id}']").click()
+    await expect(page).to_have_url(f"{edge_url}/console/processes/instances/{instance_id}")
+    done = page.locator("tr.step[data-step=operator_review]")
+    await expect(done).to_have_attribute("data-status", "done")
+    await expect(done).to_contain_text("confirmed")
+    await expect(page.locator("#instance-history")).to_contain_text("step.completed operator_review")
+    await live(page)
+    # Done from the instance page: it shows the instance move on without a reload.
+    step = page.locator("tr.step[data-step=technologist_repair]")
+    await step.locator("button[data-outcome=done]").click()
+    await expect(step).to_have_attribute("data-status", "done")
+    await expect(page.locator("tr.step[data-step=repair_task]")).to_have_attribute("data-status", "open")
+    await expect(page.locator("#instance-status")).to_have_text("running")
+    await assert_not_reloaded(page)
+    await screenshot(page, "process")
+
+
+async def test_a_step_of_another_role_is_refused(
+    browser: BrowserContext, predicted_defect: str, operator: httpx.AsyncClient, edge_url: str, settings: Settings
+) -> None:
+    instance_id = predicted_defect
+    page = await work_list(browser, edge_url, token(settings, *WORKER, "role:engineer"))
+    # The console's home is the work list too, for such a token.
+    await page.goto(f"{edge_url}/console")
+    await expect(page).to_have_url(f"{edge_url}/console/processes/work")
+    # Only the roles the token holds have a list.
+    await expect(page.locator("section.role h2")).to_have_text(["engineer"])
+    await expect(page.locator(f"tr.step[data-instance='{instance_id}']")).to_have_count(0)
+
+    await page.goto(f"{edge_url}/console/processes/instances/{instance_id}")
+    review = page.locator("tr.step[data-step=operator_review]")
+    await review.locator("button[data-outcome=confirmed]").click()
+    await expect(page.locator("#flash .error")).to_contain_text("403: completing step 'operator_review' needs the role")
+    await expect(review).to_have_attribute("data-status", "open")
+    body = (await operator.get(f"/processes/instances/{instance_id}")).json()
+    assert open_step(body, "operator_review") is not None
+
+    # A token without processes:work has no work list.
+    await browser.clear_cookies()
+    await sign_in(page, edge_url, token(settings, Scope.TASKS_READ, Scope.PROCESSES_READ, "role:operator"))
+    await expect(page).to_have_url(f"{edge_url}/console/tasks")
+    assert (await page.request.get(f"{edge_url}/console/processes/work")).status == 403
