@@ -43,7 +43,10 @@ class Transition:
     event: Event
 
 
-# A task is created QUEUED. A progress report keeps it IN_PROGRESS (a new version, no new status).
+# Every task starts here (the column's default), at version 1.
+CREATED = QUEUED
+
+# A progress report keeps a task IN_PROGRESS: a new version, no new status.
 TRANSITIONS: tuple[Transition, ...] = (
     Transition(QUEUED, SENT, Event.NOTICE_CONFIRMED),
     Transition(QUEUED, IN_PROGRESS, Event.PULLED),

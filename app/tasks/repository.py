@@ -140,7 +140,7 @@ async def in_progress_task(session: AsyncSession, device_id: str) -> Task | None
 # same snapshot as the lookup and runs only if that found nothing. It waits for a row lock and
 # never skips one (decision 14): the notifier or a job holding the row for a moment must not
 # make the device hear "nothing to do"; a row that changed meanwhile is re-checked and passed
-# over. Built once: composing it per call cost more CPU than the database spends running it.
+# over. Built once, at import: composing it per call costs more CPU than running it.
 _CURRENT_OR_CLAIM = select(Task, column("claimed", Boolean)).from_statement(
     text(
         """
@@ -363,8 +363,8 @@ async def list_tasks(
     if len(statuses) < 2:
         return (await session.execute(newest())).scalars().all()
     # Several statuses: the newest of each (one range of ix_tasks_status_created each), merged.
-    # `status IN (...) ORDER BY created_at LIMIT` walks ix_tasks_created past every newer task of
-    # another status: 333,000 pages for failed,timed_out under 450,000 newer queued ones.
+    # `status IN (...) ORDER BY created_at LIMIT` would walk ix_tasks_created past every newer task
+    # of another status (docs/performance.md, "Where it stands").
     merged = union_all(*(newest(Task.status == status.value) for status in statuses)).subquery()
     task = aliased(Task, merged)
     stmt = select(task).order_by(task.created_at.desc(), task.id.desc()).limit(limit)

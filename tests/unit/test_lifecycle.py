@@ -36,6 +36,11 @@ def test_every_status_is_reachable_from_queued_and_final_ones_lead_nowhere() -> 
         assert reachable_from(status) & FINAL_STATUSES, status
 
 
+def test_a_new_task_starts_where_the_table_says() -> None:
+    assert Task.__table__.c.status.server_default.arg == lifecycle.CREATED.value
+    assert lifecycle.CREATED is TaskStatus.QUEUED
+
+
 def test_each_change_of_status_is_listed_once_and_none_stays_in_place() -> None:
     pairs = [(t.source, t.target) for t in TRANSITIONS]
     assert len(pairs) == len(set(pairs)) == len(ALLOWED)
