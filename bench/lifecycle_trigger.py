@@ -1,6 +1,7 @@
 """What the lifecycle trigger costs the device's hot path: the claim (`tasks/next`) and the result,
 each one statement, timed through the repository on a scratch database at the baseline (no
-trigger) and at head (trigger `tasks_lifecycle`), alternately, several rounds.
+trigger) and at head (trigger `tasks_lifecycle`), alternately, several rounds; and at head the
+time of each trigger per row, as EXPLAIN ANALYZE reports it for one UPDATE of all the tasks.
 
     set -a; . .run/<stack>/app.env; set +a
     .venv/bin/python -m bench.lifecycle_trigger [--tasks 2000] [--rounds 3]
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import time
 import uuid
@@ -76,6 +78,34 @@ async def _round(settings: Settings, devices: list[str]) -> tuple[float, float]:
     return claim_s / len(devices) * 1e6, result_s / len(devices) * 1e6
 
 
+async def _trigger_times(dsn: str, tasks: int) -> dict[str, float]:
+    """Microseconds per row that each trigger of `tasks` took in one multi-row claim and one
+    multi-row result (EXPLAIN ANALYZE reports the time of every trigger)."""
+    devices = await _fill(dsn, tasks)
+    conn = await asyncpg.connect(dsn)
+    per_row: dict[str, float] = {}
+    try:
+        for step, sql in (
+            (
+                "claim",
+                "UPDATE tasks SET status = 'in_progress', attempt = attempt + 1, started_at = now(), "
+                "deadline_at = now() + interval '5 minutes', updated_at = now() WHERE device_id = ANY($1::text[])",
+            ),
+            (
+                "result",
+                "UPDATE tasks SET status = 'succeeded', result = '{\"ok\": true}', finished_at = now(), "
+                "deadline_at = NULL, updated_at = now() WHERE device_id = ANY($1::text[])",
+            ),
+        ):
+            plan = json.loads(await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", devices))[0]
+            per_row[f"{step} statement"] = plan["Execution Time"] * 1000 / tasks
+            for trigger in plan["Triggers"]:
+                per_row[f"{step} {trigger['Trigger Name']}"] = trigger["Time"] * 1000 / trigger["Calls"]
+    finally:
+        await conn.close()
+    return per_row
+
+
 async def main(tasks: int, rounds: int) -> None:
     stack = Settings()
     url = make_url(stack.database.url.get_secret_value()).set(database=DATABASE)
@@ -85,6 +115,7 @@ async def main(tasks: int, rounds: int) -> None:
     dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
     settings = Settings(database={"url": url.render_as_string(hide_password=False)})
     figures: dict[str, list[tuple[float, float]]] = {"baseline": [], "head": []}
+    triggers: list[dict[str, float]] = []
     try:
         for _ in range(rounds):
             for revision in ("baseline", "head"):
@@ -94,6 +125,8 @@ async def main(tasks: int, rounds: int) -> None:
                 await asyncio.to_thread(_migrate, url.render_as_string(hide_password=False), "upgrade", target)
                 devices = await _fill(dsn, tasks)
                 figures[revision].append(await _round(settings, devices))
+                if revision == "head":
+                    triggers.append(await _trigger_times(dsn, tasks))
         await admin.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
     finally:
         await admin.close()
@@ -105,6 +138,9 @@ async def main(tasks: int, rounds: int) -> None:
             f"  {revision:8}  claim {statistics.median(claims):6.0f} {claims}"
             f"   result {statistics.median(results):6.0f} {results}"
         )
+    print("at head, one UPDATE of all the tasks: microseconds per row (median of rounds)")
+    for name in triggers[0]:
+        print(f"  {name:36} {statistics.median(t[name] for t in triggers):7.1f}")
 
 
 if __name__ == "__main__":
