@@ -3,7 +3,7 @@ principal of the request's bearer token (`requires(scope)` on a route checks it 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, cast
 
 from fastapi import Depends, Request, params
@@ -16,7 +16,7 @@ from app.auth import ANONYMOUS, Principal, Scope, TokenVerifier
 from app.db import Sessions
 from app.devices.broker_admin import BrokerAdmin
 from app.devices.config import RetainedPublisher
-from app.errors import Forbidden, Unauthorized
+from app.errors import FailedRows, Forbidden, Unauthorized
 from app.events.feed import ChangeFeed
 from app.pki import CertificateAuthority
 from app.settings import Settings
@@ -39,6 +39,8 @@ class Runtime:
     changes: ChangeFeed
     ca: CertificateAuthority
     tokens: TokenVerifier
+    # What the periodic jobs failed on (app/scheduler.py): each row logged once, then left out.
+    failed_rows: FailedRows = field(default_factory=FailedRows)
 
 
 async def get_runtime(request: Request) -> Runtime:

@@ -43,7 +43,7 @@ from pydantic import BaseModel, ValidationError
 from app import metrics
 from app.broker import AMQ_TOPIC, DEAD_LETTER_EXCHANGE, ConfirmedPublisher, Outgoing
 from app.errors import AppError, back_off, until_infrastructure_answers
-from app.storable_json import NUL_REFUSED, contains_nul
+from app.storable_json import unstorable
 from swarm_device.protocol import REQUEST_ID_MAX_LENGTH, ErrorCode, Request, reply_topic
 
 log = logging.getLogger(__name__)
@@ -123,9 +123,10 @@ def parse_request(body: bytes, params_model: type[P]) -> tuple[str, P]:
         envelope = Request.model_validate(raw)
     except ValidationError as exc:
         raise RequestRejected(f"request envelope is invalid: {_first_error(exc)}", _salvage_id(raw)) from None
-    # PostgreSQL text and jsonb cannot hold U+0000: refuse it here rather than fail in the database.
-    if b"\\u0000" in body and contains_nul(envelope.params):
-        raise RequestRejected(NUL_REFUSED, envelope.id)
+    # orjson refused NaN and lone surrogates already (and read big integers as floats); PostgreSQL
+    # text and jsonb cannot hold U+0000: refuse it here rather than fail in the database.
+    if b"\\u0000" in body and (problem := unstorable(envelope.params, "params")) is not None:
+        raise RequestRejected(problem, envelope.id)
     try:
         return envelope.id, params_model.model_validate(envelope.params)
     except ValidationError as exc:
@@ -133,6 +134,9 @@ def parse_request(body: bytes, params_model: type[P]) -> tuple[str, P]:
 
 
 def _first_error(exc: ValidationError) -> str:
+    unknown = [".".join(str(part) for part in e["loc"])[:64] for e in exc.errors() if e["type"] == "extra_forbidden"]
+    if unknown:
+        return f"fields the method does not define: {', '.join(unknown)}"
     error = exc.errors()[0]
     location = ".".join(str(part) for part in error["loc"]) or "body"
     return f"{location}: {error['msg']}"
@@ -236,7 +240,8 @@ class DeviceRpcRouter:
                 ack_policy=AckPolicy.MANUAL,
                 no_reply=True,
                 title=f"dev/{{device_id}}/up/rpc/{pattern}",
-                description=handler.__doc__,
+                description=f"{handler.__doc__ or ''} Params: {', '.join(params.model_fields) or 'none'}; "
+                "a field the method does not define is refused with `invalid`, naming it.",
             )(consume)
             return handler
 

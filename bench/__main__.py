@@ -12,9 +12,11 @@ import argparse
 import asyncio
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,12 +26,15 @@ import orjson
 import uvloop
 
 from bench import connections, fleet, intake, plans, raw, roundtrip, scale
-from bench.env import ROOT, Stack, fresh_database, running_app, start_services
+from bench.env import ROOT, Stack, busy_percent, fresh_database, measured_commit, running_app, start_services
 from bench.progress import Progress
 
 SECTIONS = ("raw", "intake", "roundtrip", "scale", "connections")
 RESULTS_DIR = ROOT / "bench-results"
 FLEET_PREFIX = "b-"
+# Before anything starts, the machine is watched this long: a run on a busy box measures its
+# neighbours too, and says so.
+BUSY_SAMPLE_S = 2.0
 
 # (full, short) defaults of every sized parameter.
 DEFAULTS: dict[str, tuple[float, float]] = {
@@ -63,6 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-hello", action="store_true", help="connections: devices only connect (no hello, no tasks/next)"
     )
     parser.add_argument("--output", type=Path, default=None, help="JSON file (default: bench-results/<time>.json)")
+    parser.add_argument(
+        "--busy-threshold",
+        type=float,
+        default=25.0,
+        help="warn when the processors were more than this percent busy before the run (default 25)",
+    )
     for name in DEFAULTS:
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=None)
     args = parser.parse_args(argv)
@@ -82,6 +93,13 @@ async def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     logs = {"app": RESULTS_DIR / f"{stamp}-app.log", "simulator": RESULTS_DIR / f"{stamp}-simulator.log"}
     results: dict[str, Any] = {"meta": _meta(args, stamp, logs)}
     wanted = set(args.sections)
+
+    busy = await busy_percent(BUSY_SAMPLE_S)
+    box = {"cpu_busy_pct": busy, "sample_s": BUSY_SAMPLE_S, "threshold_pct": args.busy_threshold}
+    results["meta"]["box_before"] = box | {"busy": busy > args.busy_threshold}
+    progress.say("setup", f"commit {results['meta']['commit'][:7]}; {_box_line(results['meta'])}")
+    if warning := _busy_warning(results["meta"]):
+        progress.say("setup", warning)
 
     progress.say("setup", f"stack {args.stack} (port base {args.port_base})")
     stack = await asyncio.to_thread(start_services, args.stack, args.port_base)
@@ -235,7 +253,7 @@ async def _forget_raw_rows(stack: Stack) -> None:
 
 
 def _meta(args: argparse.Namespace, stamp: str, logs: dict[str, Path]) -> dict[str, Any]:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
+    commit = measured_commit()
     cpu = next(
         (
             line.split(":", 1)[1].strip()
@@ -248,7 +266,8 @@ def _meta(args: argparse.Namespace, stamp: str, logs: dict[str, Path]) -> dict[s
         "started_at": stamp,
         "mode": "short" if args.short else "full",
         "command": " ".join(["python -m bench", *sys.argv[1:]]),
-        "commit": commit.strip(),
+        "commit": commit.sha,
+        "commit_dirty": commit.dirty,
         "machine": {"cpus": os.cpu_count(), "cpu": cpu, "python": platform.python_version()},
         "loadavg_start": os.getloadavg(),
         "parameters": {name: getattr(args, name) for name in DEFAULTS} | {"workers": args.workers},
@@ -298,7 +317,31 @@ def _targets(results: dict[str, Any], args: argparse.Namespace) -> list[dict[str
     return targets
 
 
+def _box_line(meta: dict[str, Any]) -> str:
+    box = meta["box_before"]
+    return (
+        f"processors {box['cpu_busy_pct']}% busy over the {box['sample_s']:g} s before the run "
+        f"(load average {meta['loadavg_start'][0]:.2f})"
+    )
+
+
+def _busy_warning(meta: dict[str, Any]) -> str | None:
+    box = meta["box_before"]
+    if not box["busy"]:
+        return None
+    return (
+        f"WARNING: the box was busy before the run ({box['cpu_busy_pct']}% > {box['threshold_pct']:g}%): "
+        "these figures measure the neighbours too"
+    )
+
+
 def print_table(results: dict[str, Any]) -> None:
+    meta = results["meta"]
+    dirty = " (uncommitted changes)" if meta["commit_dirty"] else ""
+    print(f"\n  commit {meta['commit'][:7]}{dirty}: {meta['command']}")
+    print(f"  {_box_line(meta)}")
+    if warning := _busy_warning(meta):
+        print(f"  {warning}")
     rows: list[tuple[str, str]] = []
     if "raw" in results:
         db, amqp = results["raw"]["postgres_insert_commit"], results["raw"]["amqp_publish_confirmed"]
@@ -396,13 +439,23 @@ def print_table(results: dict[str, Any]) -> None:
         print(f"  {verdict:<22} {target['target']} (measured: {target['measured']})")
 
 
+async def _stoppable(work: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+    """`work`, cancelled on SIGINT or SIGTERM so that the app and the simulators it started (in
+    sessions of their own) are stopped on the way out; under uvloop a plain SIGINT went unheard."""
+    task = asyncio.ensure_future(work)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, task.cancel)
+    return await task
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     progress = Progress()
     started = time.monotonic()
     # uvloop: the load generator must cost as little CPU as it can on a box it shares with the app.
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        results = runner.run(run(args, progress))
+        results = runner.run(_stoppable(run(args, progress)))
     results["meta"]["wall_s"] = round(time.monotonic() - started, 1)
     output = args.output or RESULTS_DIR / f"{results['meta']['started_at']}-{results['meta']['mode']}.json"
     output.parent.mkdir(parents=True, exist_ok=True)

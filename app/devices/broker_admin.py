@@ -166,7 +166,7 @@ class BrokerAdmin:
         else:
             logger.info("broker user of device %s deleted", device_id)
 
-    async def close_device_connections(self, device_id: str) -> int:
+    async def close_device_connections(self, device_id: str, reason: str = REVOKE_REASON) -> int:
         """Close every open connection of the device's user; returns how many were open.
 
         Both calls read RabbitMQ's connection tracking, which knows a connection as soon as it is
@@ -174,13 +174,18 @@ class BrokerAdmin:
         which learn of a connection only seconds later (404 meanwhile, observed on 3.10): a device
         that had just reconnected would stay online.
         """
-        path = f"/api/connections/username/{_segment(_checked(device_id))}"
-        listed = _parse(await self._call("GET", path), _connections)
+        listed = await self.device_connection_count(device_id)
         # Even with none listed: a connection may have been accepted since.
-        await self._call("DELETE", path, headers={"X-Reason": REVOKE_REASON})
+        path = f"/api/connections/username/{_segment(_checked(device_id))}"
+        await self._call("DELETE", path, headers={"X-Reason": reason})
         if listed:
-            logger.info("closed %d broker connection(s) of device %s", len(listed), device_id)
-        return len(listed)
+            logger.info("closed %d broker connection(s) of device %s", listed, device_id)
+        return listed
+
+    async def device_connection_count(self, device_id: str) -> int:
+        """How many connections the device's user has open now (the broker's connection tracking)."""
+        path = f"/api/connections/username/{_segment(_checked(device_id))}"
+        return len(_parse(await self._call("GET", path), _connections))
 
     async def device_users(self) -> set[str]:
         """Users with permissions on the devices vhost, except the core's own: for reconciliation."""

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select, text, update
+from sqlalchemy import delete, func, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -173,13 +173,20 @@ async def set_desired_config(session: AsyncSession, device_id: str, desired: dic
 
 
 async def lock_config_due(
-    session: AsyncSession, device_ids: Sequence[str] | None, limit: int = 500
+    session: AsyncSession,
+    device_ids: Sequence[str] | None,
+    limit: int = 500,
+    skip: Sequence[tuple[str, datetime | None]] = (),
 ) -> Sequence[Device]:
     """Active devices whose desired configuration still has to be published, locked (SKIP LOCKED
-    for the periodic job, waiting for the named ones)."""
+    for the periodic job, waiting for the named ones); not those whose (id, desired_at) is in `skip`."""
     stmt = (
         select(Device)
-        .where(Device.config_due_at.is_not(None), Device.revoked_at.is_(None))
+        .where(
+            Device.config_due_at.is_not(None),
+            Device.revoked_at.is_(None),
+            tuple_(Device.id, Device.desired_at).not_in(skip),
+        )
         .order_by(Device.config_due_at)
         .limit(limit)
     )

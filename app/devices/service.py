@@ -15,7 +15,7 @@ from app.devices import repository as repo
 from app.devices.broker_admin import BrokerAdmin
 from app.devices.models import Device, DeviceCertificate
 from app.devices.schemas import CertificateIssued, DeviceRead
-from app.errors import Conflict, NotFound
+from app.errors import Conflict, FailedRows, NotFound
 from app.settings import Settings
 from app.tasks import service as tasks
 from app.tasks.notifier import Notifier
@@ -23,6 +23,9 @@ from swarm_device.protocol import Device as DeviceWire
 from swarm_device.protocol import HelloParams, StateParams
 
 log = logging.getLogger(__name__)
+
+# The reconciliation's name in FailedRows.
+BROKER_USERS = "broker-users"
 
 
 def to_read(device: Device) -> DeviceRead:
@@ -137,25 +140,33 @@ async def report_state(sessions: Sessions, device_id: str, params: StateParams) 
         await session.commit()
 
 
-async def reconcile_broker_users(sessions: Sessions, admin: BrokerAdmin) -> tuple[int, int]:
+async def reconcile_broker_users(
+    sessions: Sessions, admin: BrokerAdmin, failed: FailedRows | None = None
+) -> tuple[int, int]:
     """Make broker users match the database: provision missing ones, remove strays (revoked,
-    unknown). Returns (provisioned, removed)."""
+    unknown). A device whose call fails (the management API answered, so not an outage) is left
+    out (`failed`) and the others go on. Returns (provisioned, removed)."""
+    failed = failed if failed is not None else FailedRows()
     async with sessions() as session:
-        wanted = await repo.active_device_ids(session)
-    present = await admin.device_users()
+        wanted = await repo.active_device_ids(session) - set(failed.of(BROKER_USERS))
+    # Unreachable management API: BrokerAdminError here, before any device is tried.
+    present = await admin.device_users() - set(failed.of(BROKER_USERS))
     # A few calls in flight: thousands of strays (say, after restoring an old backup) take
     # seconds, not minutes, without flooding the management API.
     limit = asyncio.Semaphore(8)
 
-    async def bounded(call: Awaitable[None]) -> None:
+    async def bounded(device_id: str, call: Awaitable[None]) -> bool:
         async with limit:
-            await call
+            try:
+                await call
+            except Exception as exc:
+                failed.add(BROKER_USERS, device_id, exc)
+                return False
+            return True
 
-    await asyncio.gather(
-        *(bounded(admin.provision_device(d)) for d in wanted - present),
-        *(bounded(admin.deprovision_device(u)) for u in present - wanted),
-    )
-    return len(wanted - present), len(present - wanted)
+    provisioned = await asyncio.gather(*(bounded(d, admin.provision_device(d)) for d in wanted - present))
+    removed = await asyncio.gather(*(bounded(u, admin.deprovision_device(u)) for u in present - wanted))
+    return sum(provisioned), sum(removed)
 
 
 async def apply_connection_events(sessions: Sessions, events: Sequence[repo.ConnectionEvent]) -> None:
