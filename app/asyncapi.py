@@ -38,7 +38,8 @@ DOWN_TOPICS: list[tuple[str, Any, str]] = [
         reply_topic("{device_id}"),
         Reply,
         "Replies to the device's requests: `result` or `error`, with the request id. MQTT 5: a request's "
-        "Response Topic under dev/{device_id}/down/ is used instead, with its Correlation Data.",
+        "Response Topic under dev/{device_id}/down/ is used instead, with its Correlation Data. "
+        "`rate_limited` (with `retry_after_s`) when the device sends more requests than its limit.",
     ),
     (
         config_topic("{device_id}"),

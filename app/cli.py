@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from app.auth import Scope, mint_token
+from app.auth import ROLE_SCOPE_PREFIX, Scope, mint_token
 from app.conformance import kit
 from app.settings import Settings
 
@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     token_cmd.add_argument(
         "--scope", action="append", choices=list(Scope), help="repeat for several (default: all scopes)"
     )
+    token_cmd.add_argument(
+        "--role", action="append", default=[], help="a process role the holder works as (repeat for several)"
+    )
     token_cmd.add_argument("--ttl", type=int, default=3600, help="seconds the token is valid")
     token_cmd.add_argument("--env-file", type=Path, help="settings file, e.g. .run/dev/app.env (default: APP_*)")
     conformance_cmd = commands.add_parser(
@@ -100,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(conformance(args))
     if args.command == "token":
         settings = Settings(_env_file=args.env_file)
-        print(mint_token(settings.auth, args.sub, args.scope or list(Scope), args.ttl))
+        roles = [f"{ROLE_SCOPE_PREFIX}{role}" for role in args.role]
+        print(mint_token(settings.auth, args.sub, [*(args.scope or list(Scope)), *roles], args.ttl))
         return 0
     headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
     verify: str | bool = args.cacert or True

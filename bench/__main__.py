@@ -2,8 +2,9 @@
 
 Order: the stack's services -> a fresh `swarm_bench` database -> benchmark devices (rows,
 certificates, broker users) -> raw limits (the app not running) -> the app (uvicorn, N workers)
--> `tasks/next` on the empty database -> intake -> round trip -> connections -> bulk load ->
-`tasks/next` again. Other sections can be left out with --sections.
+-> `tasks/next` on the empty database -> intake -> round trip -> connections -> fairness -> bulk load ->
+`tasks/next` again -> processes (step transitions, empty and with stored instances; in the
+bench process, before the app starts). Other sections can be left out with --sections.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ import asyncpg
 import orjson
 import uvloop
 
-from bench import connections, fleet, intake, plans, raw, roundtrip, scale
+from bench import connections, fairness, fleet, intake, plans, processes, raw, roundtrip, scale
 from bench.env import ROOT, Stack, busy_percent, fresh_database, measured_commit, running_app, start_services
 from bench.progress import Progress
 
-SECTIONS = ("raw", "intake", "roundtrip", "scale", "connections")
+SECTIONS = ("raw", "intake", "roundtrip", "scale", "connections", "fairness", "processes")
 RESULTS_DIR = ROOT / "bench-results"
 FLEET_PREFIX = "b-"
 # Before anything starts, the machine is watched this long: a run on a busy box measures its
@@ -53,6 +54,12 @@ DEFAULTS: dict[str, tuple[float, float]] = {
     "connect_rate": (50, 100),
     "hold_seconds": (20, 2),
     "sim_processes": (2, 1),
+    "process_workers": (32, 4),
+    "process_seconds": (15, 1),
+    "process_instances": (1_000_000, 2_000),
+    "fair_victims": (20, 3),
+    "fair_rate": (20, 10),
+    "fair_seconds": (20, 4),
 }
 
 
@@ -67,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-hello", action="store_true", help="connections: devices only connect (no hello, no tasks/next)"
     )
+    parser.add_argument("--flood-method", default="tasks/next", help="fairness: the method the flooding device sends")
     parser.add_argument("--output", type=Path, default=None, help="JSON file (default: bench-results/<time>.json)")
     parser.add_argument(
         "--busy-threshold",
@@ -114,13 +122,15 @@ async def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     simulated = [
         int(args.rt_devices) if "roundtrip" in wanted else 0,
         int(args.connections) if "connections" in wanted else 0,
+        # The victims and the flooding device.
+        int(args.fair_victims) + 1 if "fairness" in wanted else 0,
     ]
     enrolled = max(simulated) + 1
     progress.say("setup", f"enrolling {enrolled} devices (rows, certificates, broker users)")
     devices = await fleet.enrol(settings, stack.dsn, FLEET_PREFIX, enrolled, stack.run_dir / "bench-devices")
     probe = devices.ids()[-1]
 
-    if "raw" in wanted or "intake" in wanted:
+    if "raw" in wanted or "intake" in wanted or "processes" in wanted:
         progress.say("raw", f"postgres INSERT+COMMIT, {int(args.concurrency)} connections")
         db = await raw.database_ceiling(stack.dsn, int(args.concurrency), args.raw_seconds, progress)
         progress.say("raw", "rabbitmq publish with confirms to amq.topic, 64 in flight")
@@ -128,6 +138,20 @@ async def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
         results["raw"] = {"postgres_insert_commit": db, "amqp_publish_confirmed": amqp}
         await _forget_raw_rows(stack)
 
+    if "processes" in wanted:
+        progress.say("processes", f"step transitions, {int(args.process_workers)} workers")
+        results["processes"] = await processes.run(
+            settings,
+            stack.dsn,
+            concurrency=int(args.process_workers),
+            duration_s=args.process_seconds,
+            loaded=int(args.process_instances),
+            progress=progress,
+        )
+        ceiling = results["raw"]["postgres_insert_commit"]["per_s"]
+        results["processes"]["ratio_to_db_ceiling"] = round(results["processes"]["empty"]["per_s"] / ceiling, 3)
+    if set(wanted) <= {"raw", "processes"}:
+        return _finish(results, args)
     if "intake" in wanted:
         await intake.prepare(settings, stack.dsn, int(args.intake_devices))
     progress.say("setup", f"starting the app: uvicorn, {args.workers} workers")
@@ -197,6 +221,20 @@ async def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
                 log_file=logs["simulator"],
                 progress=progress,
             )
+        if "fairness" in wanted:
+            results["fairness"] = await fairness.run(
+                settings,
+                stack.dsn,
+                devices,
+                app_port=stack.app_port,
+                victims=int(args.fair_victims),
+                rate=args.fair_rate,
+                duration_s=args.fair_seconds,
+                flood_method=args.flood_method,
+                headers=_headers(args),
+                log_file=logs["simulator"],
+                progress=progress,
+            )
         if "scale" in wanted:
             progress.say("scale", f"bulk load: {int(args.scale_devices)} devices x {scale.TASKS_PER_DEVICE} tasks")
             loaded = await scale.load(stack.dsn, int(args.scale_devices), probe, progress)
@@ -208,6 +246,10 @@ async def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
             loaded["plans_empty"] = empty_plans
             loaded["plans"] = await _plans(stack, probe)
             results["scale"] = loaded
+    return _finish(results, args)
+
+
+def _finish(results: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     results["meta"]["loadavg_end"] = os.getloadavg()
     results["targets"] = _targets(results, args)
     return results
@@ -304,6 +346,13 @@ def _targets(results: dict[str, Any], args: argparse.Namespace) -> list[dict[str
         at_size = sc["tasks"] >= 1_000_000
         change = sc["p50_change_pct"]
         check("tasks/next p50 within 20% at 1M stored tasks", change, abs(change) <= 20 if at_size else None)
+    if "processes" in results:
+        pr = results["processes"]
+        rate = pr["empty"]["per_s"]
+        check("process step transitions >= 2,000/s", rate, rate >= 2000)
+        change = pr["loaded_change_pct"]
+        at_size = pr["loaded_instances"] >= 1_000_000
+        check("transitions no slower with 1M stored instances", change, change >= -20 if at_size else None)
     if "connections" in results:
         cn = results["connections"]
         stayed = cn["stayed_connected"]
@@ -313,6 +362,15 @@ def _targets(results: dict[str, Any], args: argparse.Namespace) -> list[dict[str
             ">= 10,000 connected TLS devices" + (" (connect only)" if cn["no_hello"] else ", hellos answered"),
             stayed,
             stayed >= 10_000 and answered if args.connections >= 10_000 else None,
+        )
+    if "fairness" in results:
+        fair = results["fairness"]
+        ratio = fair["p99_ratio"]
+        lost = fair["flooded"]["not_final_after_wait"] + fair["flooded"]["post_errors"]
+        check(
+            "other devices' p99 within 2x while one device floods",
+            ratio,
+            ratio is not None and ratio <= 2.0 and not lost,
         )
     return targets
 
@@ -375,6 +433,16 @@ def print_table(results: dict[str, Any]) -> None:
                 f"{batch['noticed_per_s']:,.0f} noticed (batches of {batch['batch_size']})",
             )
         )
+    if "processes" in results:
+        pr = results["processes"]
+        rows.append(
+            (
+                "processes: step transitions",
+                f"{pr['empty']['per_s']:,.0f}/s empty ({pr['ratio_to_db_ceiling']:.0%} of the db ceiling), "
+                f"{pr['loaded']['per_s']:,.0f}/s with {pr['loaded_instances']:,} stored instances "
+                f"({pr['loaded_change_pct']:+}%); {pr['concurrency']} workers",
+            )
+        )
     if "roundtrip" in results:
         rt = results["roundtrip"]
         lat = rt["latency_ms"]
@@ -427,6 +495,25 @@ def print_table(results: dict[str, Any]) -> None:
                 f"broker {cn['broker_bytes_per_device'] / 1024:.0f} KiB, "
                 f"app {cn['app_bytes_per_device'] / 1024:.1f} KiB, "
                 f"simulator {cn['simulator_bytes_per_device'] / 1024:.0f} KiB",
+            )
+        )
+    if "fairness" in results:
+        fair = results["fairness"]
+        alone, flooded = fair["alone"]["latency_ms"], fair["flooded"]["latency_ms"]
+        rows.append(
+            (
+                "fairness: load",
+                f"{fair['offered_per_s']:g} tasks/s over {fair['victims']} devices; {fair['flooder']} floods "
+                f"{fair['flood_method']} ({fair['flood_sent']:,} sent, {fair['flood_per_s']:,.0f}/s; "
+                f"limited: {fair['flooder_limited']})",
+            )
+        )
+        rows.append(("fairness: p50/p99 alone", f"{alone['p50']} / {alone['p99']} ms"))
+        rows.append(
+            (
+                "fairness: p50/p99 flooded",
+                f"{flooded['p50']} / {flooded['p99']} ms (p99 x{fair['p99_ratio']}; "
+                f"{fair['flooded']['not_final_after_wait']} not final)",
             )
         )
     width = max(len(name) for name, _ in rows) if rows else 0

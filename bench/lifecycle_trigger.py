@@ -1,6 +1,6 @@
 """What the lifecycle trigger costs the device's hot path: the claim (`tasks/next`) and the result,
-each one statement, timed through the repository on a scratch database at the baseline (no
-trigger) and at head (trigger `tasks_lifecycle`), alternately, several rounds; and at head the
+each one statement, timed through the repository on a scratch database just before the
+trigger's migration and at head (trigger `tasks_lifecycle`), alternately, several rounds; and at head the
 time of each trigger per row, as EXPLAIN ANALYZE reports it for one UPDATE of all the tasks.
 
     set -a; . .run/<stack>/app.env; set +a
@@ -31,7 +31,8 @@ from app.tasks import repository as repo
 from swarm_device.protocol import TaskStatus
 
 DATABASE = "swarm_bench_lifecycle"
-BASELINE = "b3a7c1e0d204"
+# The revision before the lifecycle trigger.
+BASELINE = "5c1f0a9d7e52-1"
 
 
 def _migrate(url: str, step: str, revision: str) -> None:

@@ -94,6 +94,8 @@ class ErrorCode(StrEnum):
     NOT_FOUND = "not_found"
     CONFLICT = "conflict"
     INTERNAL = "internal"
+    # The device sent more requests than its limit allows: wait `retry_after_s`, then send again.
+    RATE_LIMITED = "rate_limited"
 
 
 # What each error code tells the device to do (the AsyncAPI document lists them).
@@ -104,6 +106,8 @@ ERROR_MEANINGS: dict[ErrorCode, str] = {
     ErrorCode.CONFLICT: "The task's state does not allow it: progress or a result for a task that is "
     "not in progress (canceled, timed out, already finished with another report). Drop the task.",
     ErrorCode.INTERNAL: "The core failed to handle it (e.g. its database is down): resend later with the same id.",
+    ErrorCode.RATE_LIMITED: "The device sent more requests than its limit allows: wait `retry_after_s` seconds, "
+    "then resend with the same id.",
 }
 
 
@@ -128,6 +132,8 @@ class Request(WireModel):
 class RpcError(WireModel):
     code: ErrorCode
     message: str
+    # Only with `rate_limited`: how long to wait before sending again.
+    retry_after_s: float | None = None
 
 
 class Reply(WireModel):
@@ -141,7 +147,7 @@ class Reply(WireModel):
     error: RpcError | None = None
 
 
-class Params(BaseModel):
+class Params(WireModel):
     """The params of a device request: a field the method does not define is refused (`invalid`,
     naming it), not dropped, so that a misplaced field is not acknowledged as if it were stored."""
 

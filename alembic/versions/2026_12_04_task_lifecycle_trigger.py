@@ -1,7 +1,7 @@
 """the task lifecycle in the database: allowed changes of status, and the version of every change
 
 Revision ID: 5c1f0a9d7e52
-Revises: b3a7c1e0d204
+Revises: c4f1a9d7e3b2
 Create Date: 2026-12-04 17:00:00.000000
 
 `tasks_lifecycle` refuses a change of status that app/tasks/lifecycle.py's table does not allow,
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from alembic import op
 
 revision: str = "5c1f0a9d7e52"
-down_revision: str | None = "b3a7c1e0d204"
+down_revision: str | None = "c4f1a9d7e3b2"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

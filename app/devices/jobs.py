@@ -28,3 +28,14 @@ async def reconcile_broker(runtime: Runtime) -> None:
 
 async def publish_configs(runtime: Runtime) -> None:
     await config.publish_due(runtime.sessions, runtime.config_publisher, runtime.failed_rows)
+
+
+async def lift_blocks(runtime: Runtime) -> None:
+    """Devices blocked for going over their limits may connect again once their block ran out."""
+    try:
+        lifted = await service.lift_blocks(runtime.sessions, runtime.broker_admin)
+    except BrokerAdminError as exc:
+        log.warning("lifting device blocks skipped: %s", exc)
+        return
+    if lifted:
+        log.info("%d device blocks lifted", lifted)

@@ -5,18 +5,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import pki
 from app.db import Sessions
+from app.device_limits import LimitEvent
 from app.devices import repository as repo
 from app.devices.broker_admin import BrokerAdmin
 from app.devices.models import Device, DeviceCertificate
 from app.devices.schemas import CertificateIssued, DeviceRead
 from app.errors import Conflict, FailedRows, NotFound
-from app.settings import Settings
+from app.settings import DeviceLimitSettings, Settings
 from app.tasks import service as tasks
 from app.tasks.notifier import Notifier
 from swarm_device.protocol import Device as DeviceWire
@@ -51,6 +52,34 @@ async def enrol_device(sessions: Sessions, admin: BrokerAdmin, device_id: str) -
     # After the commit: if the broker call fails, the same POST again (or start-up reconciliation) repairs it.
     await admin.provision_device(device_id)
     return to_read(device), existing is None
+
+
+async def record_limited(
+    sessions: Sessions, admin: BrokerAdmin, settings: DeviceLimitSettings, device_id: str, event: LimitEvent
+) -> None:
+    """A device went over its limits: shown on its record and in the event stream; a `BLOCKED`
+    one is also shut out at the broker (its connections closed, new ones refused) for `block_s`.
+
+    Committed first: if the broker call fails, `lift_blocks` still clears what was recorded.
+    """
+    blocked_until = datetime.now(UTC) + timedelta(seconds=settings.block_s) if event is LimitEvent.BLOCKED else None
+    async with sessions() as session:
+        await repo.record_limited(session, device_id, event.value, blocked_until)
+        await session.commit()
+    if blocked_until is not None:
+        await admin.block_device(device_id)
+        log.warning("device %s blocked at the broker until %s", device_id, blocked_until.isoformat())
+
+
+async def lift_blocks(sessions: Sessions, admin: BrokerAdmin) -> int:
+    """Let the devices whose block has run out connect again; returns how many."""
+    async with sessions() as session:
+        device_ids = await repo.lock_blocks_over(session)
+        for device_id in device_ids:
+            await admin.unblock_device(device_id)
+        await repo.clear_blocks(session, device_ids)
+        await session.commit()
+    return len(device_ids)
 
 
 async def get_device(sessions: Sessions, device_id: str) -> DeviceRead:

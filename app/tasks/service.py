@@ -4,7 +4,6 @@ follow which is app/tasks/lifecycle.py's table."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hashlib
 import logging
@@ -18,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import Sessions, autocommit, change_each
 from app.errors import Conflict, FailedRows, InvalidInput, NotFound
+from app.pagination import decode_cursor, encode_cursor
 from app.settings import TaskSettings
 from app.tasks import lifecycle
 from app.tasks import repository as repo
@@ -96,24 +96,12 @@ async def get_task(sessions: Sessions, task_id: uuid.UUID) -> TaskRead:
 async def list_tasks(
     sessions: Sessions, filters: TaskFilter, cursor: str | None, limit: int
 ) -> tuple[list[TaskRead], str | None]:
-    after = _decode_cursor(cursor) if cursor else None
+    after = decode_cursor(cursor) if cursor else None
     async with sessions() as session:
         rows = await repo.list_tasks(session, filters, after, limit)
     items = [to_read(t) for t in rows]
-    next_cursor = _encode_cursor(rows[-1]) if len(rows) == limit else None
+    next_cursor = encode_cursor(rows[-1].created_at, rows[-1].id) if len(rows) == limit else None
     return items, next_cursor
-
-
-def _encode_cursor(task: Task) -> str:
-    return base64.urlsafe_b64encode(f"{task.created_at.isoformat()}|{task.id}".encode()).decode()
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        created_at, task_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
-        return datetime.fromisoformat(created_at), uuid.UUID(task_id)
-    except ValueError as exc:
-        raise InvalidInput("cursor is not valid") from exc
 
 
 async def list_events(sessions: Sessions, task_id: uuid.UUID) -> list[TaskEvent]:

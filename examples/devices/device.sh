@@ -5,20 +5,33 @@
 #   device.sh ID HOST PORT CA_FILE CERT_FILE KEY_FILE
 #
 # Runs `echo` (result = params) and `sleep` (params.seconds); rejects other methods.
-# mosquitto_sub keeps one persistent session (-c, QoS 1, exact topics) and prints what arrives;
-# every request is a separate mosquitto_pub under the client id ID-pub (RabbitMQ 3.10 does not
-# bind client ids to certificates; a broker that does needs one connection: use paho_device.py).
+# The broker binds the client id to the certificate, so a device has one connection at a time:
+# every request is one `mosquitto_rr` call (MQTT 5 request/response: the reply comes on the
+# Response Topic dev/ID/down/rpc with the request's Correlation Data). Without a standing
+# subscription it hears no notices, so it polls `tasks/next` every POLL_S seconds (default 1):
+# the pull is the protocol's source of truth, the notice only a hint.
 set -euo pipefail
 ID=$1 HOST=$2 PORT=$3 CA=$4 CERT=$5 KEY=$6
-TLS=(-h "$HOST" -p "$PORT" --cafile "$CA" --cert "$CERT" --key "$KEY" -V mqttv311)
+TLS=(-h "$HOST" -p "$PORT" --cafile "$CA" --cert "$CERT" --key "$KEY")
 DOWN="dev/$ID/down" UP="dev/$ID/up/rpc"
-STATE=${DEVICE_STATE_DIR:-$(mktemp -d)}  # task id -> report: a task handed out again never runs twice
+STATE=${DEVICE_STATE_DIR:-$(mktemp -d)} # task id and attempt -> report: never run one twice
 mkdir -p "$STATE/done"
 SEQ=0
 
-call() { # call METHOD PARAMS_JSON: publish a request; its reply arrives on $DOWN/rpc
-    SEQ=$((SEQ + 1))
-    mosquitto_pub "${TLS[@]}" -i "$ID-pub" -q 1 -t "$UP/$1" -m "{\"id\":\"${1//\//-}-$SEQ\",\"params\":$2}"
+call() { # call METHOD PARAMS_JSON: print the reply's result; resend with the same id until answered
+    local id reply
+    SEQ=$((SEQ + 1)) id="${1//\//-}-$SEQ"
+    while :; do
+        reply=$(mosquitto_rr "${TLS[@]}" -i "$ID" -q 1 -W 10 -t "$UP/$1" -e "$DOWN/rpc" \
+            -m "{\"id\":\"$id\",\"params\":$2}" 2>/dev/null) || true
+        # Only the answer to this request counts; an error reply is logged and not retried.
+        if [[ $(jq -r '.id // ""' <<<"$reply" 2>/dev/null) == "$id" ]]; then
+            jq -e '.error == null' <<<"$reply" >/dev/null || echo "error: $reply" >&2
+            jq -c '.result' <<<"$reply"
+            return 0
+        fi
+        sleep 1
+    done
 }
 
 run() { # run TASK_JSON: print the report
@@ -34,37 +47,23 @@ run() { # run TASK_JSON: print the report
     esac
 }
 
-on_reply() { # a reply to tasks/next: run the task and report it; a reply to a result: pull again
-    local id task task_id report
-    id=$(jq -r '.id // ""' <<<"$1")
-    case $id in
-    tasks-next-*)
-        task=$(jq -c '.result // empty' <<<"$1") || return 0
-        [[ -n $task ]] || return 0 # null: nothing to do until the next notice
-        task_id=$(jq -r .id <<<"$task")
-        [[ $task_id =~ ^[0-9a-f-]{36}$ ]] || return 0
-        if [[ -f $STATE/done/$task_id ]]; then report=$(<"$STATE/done/$task_id"); else
-            report=$(run "$task")
-            echo "$report" >"$STATE/done/$task_id"
-        fi
-        call "tasks/$task_id/result" "$report"
-        ;;
-    tasks-*-result-*) call tasks/next '{}' ;;
-    esac
-}
+device=$(call hello '{"firmware":"shell-example-1","model":"example","capabilities":["echo","sleep"]}')
+# The hello reply carries the desired configuration: apply it (here: take it as is) and report it.
+config=$(jq -c '.desired_config // empty' <<<"$device")
+[[ -z $config ]] || call state "{\"reported\":$config}" >/dev/null
 
-# -d prints SUBACK: the first requests go out only once their replies can arrive.
-exec 3< <(exec stdbuf -oL mosquitto_sub "${TLS[@]}" -i "$ID" -c -q 1 -v -d \
-    -t "$DOWN/notify" -t "$DOWN/rpc" -t "$DOWN/config")
-while read -r line <&3; do
-    case $line in
-    *"received SUBACK"*)
-        call hello '{"firmware":"shell-example-1","model":"example","capabilities":["echo","sleep"]}'
-        call tasks/next '{}'
-        ;;
-    "$DOWN/rpc "*) on_reply "${line#* }" || true ;; # a malformed reply is ignored
-    "$DOWN/notify "*) [[ ${line#* } != *task_queued* ]] || call tasks/next '{}' ;;
-    "$DOWN/config "*) jq -e 'type == "object"' <<<"${line#* }" >/dev/null 2>&1 &&
-        call state "{\"reported\":${line#* }}" ;;
-    esac
+while :; do
+    task=$(call tasks/next '{}')
+    if [[ $task == null ]]; then
+        sleep "${POLL_S:-1}"
+        continue
+    fi
+    task_id=$(jq -r .id <<<"$task") attempt=$(jq -r .attempt <<<"$task")
+    [[ $task_id =~ ^[0-9a-f-]{36}$ && $attempt =~ ^[0-9]+$ ]] || continue
+    done_file="$STATE/done/$task_id.$attempt"
+    if [[ -f $done_file ]]; then report=$(<"$done_file"); else
+        report=$(run "$task")
+        echo "$report" >"$done_file"
+    fi
+    call "tasks/$task_id/result" "$report" >/dev/null
 done

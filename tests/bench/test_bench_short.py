@@ -31,6 +31,8 @@ SECTIONS = {
     "roundtrip": ["completed", "achieved_per_s", "latency_ms.p50", "latency_ms.p99"],
     "scale": ["tasks", "devices", "next_empty_ms.p50", "next_loaded_ms.p50"],
     "connections": ["stayed_connected"],
+    "processes": ["empty.per_s", "loaded.per_s", "ratio_to_db_ceiling", "loaded_instances"],
+    "fairness": ["flood_sent", "flood_per_s", "alone.latency_ms.p99"],
 }
 # Memory growth over a few dozen devices is within the noise of a node's garbage collection (the
 # previous section's devices are still being freed): it must be measured, but its sign is noise.
@@ -94,6 +96,10 @@ def test_short_mode_reports_every_section(stack_env: dict[str, str], tmp_path: P
         assert isinstance(value, int), f"{figure} = {value!r}"
     assert results["roundtrip"]["not_final_after_wait"] == 0
     assert results["connections"]["stayed_connected"] == results["connections"]["target"]
+    # The flooding device was seen: refused and blocked (the speed of it is the bench's to show).
+    assert results["fairness"]["flooder_limited"] is True
+    # None when no other device's task finished during the flood: measured, not hidden as 0.
+    assert results["fairness"]["p99_ratio"] is None or results["fairness"]["p99_ratio"] > 0
     assert {t["target"] for t in results["targets"]}, "the targets are evaluated"
     assert "intake: persisted" in completed.stdout
 
