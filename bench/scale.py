@@ -121,7 +121,7 @@ async def pull_latency(settings: Settings, fleet: Fleet, device_id: str, calls: 
     return percentiles_ms(samples[WARM_UP_CALLS:])
 
 
-# What writes task events: on INSERT per statement, on UPDATE per row (migration 7a0c0e1d2b03).
+# What writes task events: on INSERT per statement, on UPDATE per row (the baseline migration).
 AUDIT_TRIGGERS = ("tasks_record_inserted", "tasks_record_event")
 
 

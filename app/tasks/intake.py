@@ -22,10 +22,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.db import Sessions, autocommit
 from app.devices import repository as device_repo
 from app.errors import Conflict, NotFound, Unavailable, is_infrastructure_error
+from app.tasks import lifecycle
 from app.tasks import repository as repo
 from app.tasks.notifier import Notifier
 from app.tasks.schemas import TaskRead
-from swarm_device.protocol import TaskStatus
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def to_read(task: repo.NewTask) -> TaskRead:
         device_id=task.device_id,
         method=task.method,
         params=task.params,
-        status=TaskStatus.QUEUED,
+        status=lifecycle.CREATED,
         priority=task.priority,
         attempt=0,
         max_attempts=task.max_attempts,

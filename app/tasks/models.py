@@ -57,7 +57,7 @@ class Task(Timestamped, Base):
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
     # The device and the batch must exist: checked once per INSERT statement by a trigger, not by
-    # a foreign key per row (migration b3a7c1e0d204, decision 23).
+    # a foreign key per row (the baseline migration, decision 23).
     device_id: Mapped[str] = mapped_column(String(64))
     method: Mapped[str] = mapped_column(String(128))
     params: Mapped[dict[str, Any]] = mapped_column(JSONB)
@@ -66,6 +66,7 @@ class Task(Timestamped, Base):
     attempt: Mapped[int] = mapped_column(server_default=text("0"))
     max_attempts: Mapped[int]
     timeout_s: Mapped[int]
+    # Set by the trigger `tasks_lifecycle` on every change the audit records.
     version: Mapped[int] = mapped_column(server_default=text("1"))
     expires_at: Mapped[datetime | None]
     deadline_at: Mapped[datetime | None]
@@ -95,7 +96,7 @@ class TaskBatch(Base):
 
 
 class TaskEvent(Base):
-    """The audit history: one row per change of a task, written by a trigger (see the migration)."""
+    """The audit history: one row per change of a task, written by triggers (the baseline migration)."""
 
     __tablename__ = "task_events"
     __table_args__ = (Index("uq_task_events_task_version", "task_id", "version", unique=True),)

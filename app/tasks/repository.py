@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -37,11 +37,21 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
 from app import metrics
+from app.tasks import lifecycle
+from app.tasks.lifecycle import Event
 from app.tasks.models import Task, TaskBatch, TaskEvent
 from app.tasks.schemas import TaskFilter
-from swarm_device.protocol import PENDING_STATUSES, TaskStatus
+from swarm_device.protocol import TaskStatus
 
-_PENDING = [s.value for s in PENDING_STATUSES]
+# The rows each statement may change, from the lifecycle table. The trigger `tasks_lifecycle`
+# gives each changed task its new version (and refuses a change the table does not allow).
+_PULLED_FROM = lifecycle.sources(Event.PULLED)
+_REPORTED_FROM = lifecycle.sources(Event.REPORTED)
+_EXPIRED_FROM = lifecycle.sources(Event.EXPIRED)
+_CANCELED_FROM = lifecycle.sources(Event.CANCELED)
+_OVERDUE_IN = lifecycle.sources(Event.RETRIED)
+_NOTICED_FROM = lifecycle.sources(Event.NOTICE_CONFIRMED)
+_NOTICED_TO = lifecycle.target(TaskStatus.QUEUED, Event.NOTICE_CONFIRMED)
 _ONE_SECOND: ColumnElement[Any] = literal_column("interval '1 second'")
 
 
@@ -130,7 +140,7 @@ async def in_progress_task(session: AsyncSession, device_id: str) -> Task | None
 # same snapshot as the lookup and runs only if that found nothing. It waits for a row lock and
 # never skips one (decision 14): the notifier or a job holding the row for a moment must not
 # make the device hear "nothing to do"; a row that changed meanwhile is re-checked and passed
-# over. Built once: composing it per call cost more CPU than the database spends running it.
+# over. Built once, at import: composing it per call costs more CPU than running it.
 _CURRENT_OR_CLAIM = select(Task, column("claimed", Boolean)).from_statement(
     text(
         """
@@ -138,7 +148,7 @@ _CURRENT_OR_CLAIM = select(Task, column("claimed", Boolean)).from_statement(
             SELECT * FROM tasks WHERE device_id = :device_id AND status = :in_progress
         ), claimed AS (
             UPDATE tasks
-            SET status = :in_progress, attempt = attempt + 1, version = version + 1, started_at = now(),
+            SET status = :in_progress, attempt = attempt + 1, started_at = now(),
                 deadline_at = now() + timeout_s * interval '1 second', status_details = NULL, updated_at = now()
             WHERE id = (
                 SELECT id FROM tasks
@@ -158,7 +168,7 @@ _CURRENT_OR_CLAIM = select(Task, column("claimed", Boolean)).from_statement(
     ).bindparams(
         bindparam("device_id", type_=String),
         bindparam("in_progress", TaskStatus.IN_PROGRESS.value, type_=String),
-        bindparam("pending", _PENDING, type_=ARRAY(String)),
+        bindparam("pending", _PULLED_FROM, type_=ARRAY(String)),
     )
 )
 
@@ -187,13 +197,12 @@ _FINISH_IN_PROGRESS = (
     .where(
         Task.id == bindparam("of_task"),
         Task.device_id == bindparam("of_device"),
-        Task.status == TaskStatus.IN_PROGRESS,
+        Task.status.in_(_REPORTED_FROM),
     )
     .values(
         status=bindparam("new_status"),
         result=bindparam("new_result", type_=JSONB(none_as_null=True)),
         error=bindparam("new_error", type_=JSONB(none_as_null=True)),
-        version=Task.version + 1,
         finished_at=func.now(),
         updated_at=func.now(),
         deadline_at=None,
@@ -228,28 +237,12 @@ async def finish_in_progress(
     return task
 
 
-def set_status(task: Task, status: TaskStatus, **changes: Any) -> None:
-    """Apply a lifecycle change to a loaded (locked) task: every change bumps `version`."""
-    now = datetime.now(UTC)
-    task.status = status
-    task.version += 1
-    task.updated_at = now
-    if status.is_final:
-        task.finished_at = now
-        task.deadline_at = None
-        task.notice_due_at = None
-        metrics.CREATED_TO_FINAL.labels(status.value).observe(metrics.seconds_between(task.created_at, now))
-    for name, value in changes.items():
-        setattr(task, name, value)
-
-
 async def extend_deadline(session: AsyncSession, task: Task, status_details: dict[str, Any]) -> Task:
     stmt = (
         update(Task)
         .where(Task.id == task.id)
         .values(
             status_details=status_details,
-            version=Task.version + 1,
             deadline_at=func.now() + _seconds(Task.timeout_s),
             updated_at=func.now(),
         )
@@ -267,7 +260,7 @@ async def mark_noticed(session: AsyncSession, routed: Sequence[uuid.UUID], unrou
     """
     routed_ids = bindparam("routed", list(routed), type_=ARRAY(Uuid()))
     confirmed_ids = bindparam("confirmed", [*routed, *unrouted], type_=ARRAY(Uuid()))
-    becomes_sent = and_(Task.id == any_(routed_ids), Task.status == TaskStatus.QUEUED)
+    becomes_sent = and_(Task.id == any_(routed_ids), Task.status.in_(_NOTICED_FROM))
 
     def if_sent(value: Any, otherwise: Any) -> ColumnElement[Any]:
         return case((becomes_sent, value), else_=otherwise)
@@ -278,8 +271,7 @@ async def mark_noticed(session: AsyncSession, routed: Sequence[uuid.UUID], unrou
         .where(Task.id == any_(confirmed_ids), or_(Task.notice_due_at.is_not(None), becomes_sent))
         .values(
             notice_due_at=None,
-            status=if_sent(TaskStatus.SENT.value, Task.status),
-            version=if_sent(Task.version + 1, Task.version),
+            status=if_sent(_NOTICED_TO.value, Task.status),
             sent_at=if_sent(now, Task.sent_at),
             updated_at=if_sent(now, Task.updated_at),
         )
@@ -319,7 +311,7 @@ async def notices_due(
 async def lock_overdue(session: AsyncSession, limit: int, skip: Sequence[uuid.UUID] = ()) -> Sequence[Task]:
     stmt = (
         select(Task)
-        .where(Task.status == TaskStatus.IN_PROGRESS, Task.deadline_at < func.now(), Task.id.not_in(skip))
+        .where(Task.status.in_(_OVERDUE_IN), Task.deadline_at < func.now(), Task.id.not_in(skip))
         .order_by(Task.deadline_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
@@ -330,7 +322,7 @@ async def lock_overdue(session: AsyncSession, limit: int, skip: Sequence[uuid.UU
 async def lock_expired(session: AsyncSession, limit: int, skip: Sequence[uuid.UUID] = ()) -> Sequence[Task]:
     stmt = (
         select(Task)
-        .where(Task.status.in_(_PENDING), Task.expires_at < func.now(), Task.id.not_in(skip))
+        .where(Task.status.in_(_EXPIRED_FROM), Task.expires_at < func.now(), Task.id.not_in(skip))
         .order_by(Task.expires_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
@@ -339,11 +331,7 @@ async def lock_expired(session: AsyncSession, limit: int, skip: Sequence[uuid.UU
 
 
 async def lock_pending_of_device(session: AsyncSession, device_id: str) -> Sequence[Task]:
-    stmt = (
-        select(Task)
-        .where(Task.device_id == device_id, Task.status.in_([*_PENDING, TaskStatus.IN_PROGRESS]))
-        .with_for_update()
-    )
+    stmt = select(Task).where(Task.device_id == device_id, Task.status.in_(_CANCELED_FROM)).with_for_update()
     return (await session.execute(stmt)).scalars().all()
 
 
@@ -375,8 +363,8 @@ async def list_tasks(
     if len(statuses) < 2:
         return (await session.execute(newest())).scalars().all()
     # Several statuses: the newest of each (one range of ix_tasks_status_created each), merged.
-    # `status IN (...) ORDER BY created_at LIMIT` walks ix_tasks_created past every newer task of
-    # another status: 333,000 pages for failed,timed_out under 450,000 newer queued ones.
+    # `status IN (...) ORDER BY created_at LIMIT` would walk ix_tasks_created past every newer task
+    # of another status (docs/performance.md, "Where it stands").
     merged = union_all(*(newest(Task.status == status.value) for status in statuses)).subquery()
     task = aliased(Task, merged)
     stmt = select(task).order_by(task.created_at.desc(), task.id.desc()).limit(limit)

@@ -1,4 +1,5 @@
-"""Task lifecycle: every transition happens here, in one transaction, committed before any publish."""
+"""Task use cases: each runs in one transaction, committed before any publish. Which status may
+follow which is app/tasks/lifecycle.py's table."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from app.db import Sessions, autocommit, change_each
 from app.errors import Conflict, FailedRows, InvalidInput, NotFound
 from app.pagination import decode_cursor, encode_cursor
 from app.settings import TaskSettings
+from app.tasks import lifecycle
 from app.tasks import repository as repo
 from app.tasks.intake import IntakeBatcher
 from app.tasks.models import Task, TaskEvent
@@ -116,7 +118,7 @@ async def cancel_task(sessions: Sessions, notifier: Notifier, task_id: uuid.UUID
             raise NotFound(f"task {task_id} does not exist")
         if TaskStatus(task.status).is_final:
             raise Conflict(f"task is already {task.status}")
-        repo.set_status(task, TaskStatus.CANCELED)
+        lifecycle.change(task, TaskStatus.CANCELED)
         await session.commit()
     # Tell the device whatever the state was: it may have pulled the task just before the cancel.
     notifier.task_canceled(task.id, task.device_id)
@@ -173,7 +175,7 @@ async def report_result(sessions: Sessions, device_id: str, task_id: uuid.UUID, 
             raise Conflict(f"task is already {task.status}")
         if current in PENDING_STATUSES:
             raise Conflict(f"task is {task.status}: it was not handed out (call tasks/next)")
-        repo.set_status(task, status, result=params.result, error=params.error)
+        lifecycle.change(task, status, result=params.result, error=params.error)
         await session.commit()
     return to_read(task)
 
@@ -192,9 +194,9 @@ EXPIRY = "expiry"
 
 def _time_out(task: Task) -> None:
     if task.attempt < task.max_attempts:
-        repo.set_status(task, TaskStatus.QUEUED, deadline_at=None, notice_due_at=datetime.now(UTC))
+        lifecycle.change(task, TaskStatus.QUEUED, deadline_at=None, notice_due_at=datetime.now(UTC))
     else:
-        repo.set_status(task, TaskStatus.TIMED_OUT, error={"message": "no result before the deadline"})
+        lifecycle.change(task, TaskStatus.TIMED_OUT, error={"message": "no result before the deadline"})
 
 
 def _task_id(task: Task) -> uuid.UUID:
@@ -202,7 +204,7 @@ def _task_id(task: Task) -> uuid.UUID:
 
 
 def _expire(task: Task) -> None:
-    repo.set_status(task, TaskStatus.EXPIRED)
+    lifecycle.change(task, TaskStatus.EXPIRED)
 
 
 async def time_out_overdue(sessions: Sessions, notifier: Notifier, failed: FailedRows, batch: int = 500) -> int:
@@ -266,5 +268,5 @@ async def cancel_open_tasks_in(session: AsyncSession, device_id: str) -> list[uu
     """Cancel every non-final task of a device inside the caller's transaction (revocation)."""
     tasks = await repo.lock_pending_of_device(session, device_id)
     for task in tasks:
-        repo.set_status(task, TaskStatus.CANCELED, error={"message": "device revoked"})
+        lifecycle.change(task, TaskStatus.CANCELED, error={"message": "device revoked"})
     return [task.id for task in tasks]

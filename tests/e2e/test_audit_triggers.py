@@ -1,6 +1,6 @@
 """The audit triggers, past the service: every statement that adds or changes tasks leaves one
-event per task whose version it set, whatever the number of rows (migration 7a0c0e1d2b03; its
-downgrade is checked with the others' in test_migrations.py)."""
+event per task whose version it set, whatever the number of rows. The versions come from the
+trigger `tasks_lifecycle` (tests/e2e/test_lifecycle_table.py)."""
 
 from __future__ import annotations
 
@@ -54,11 +54,11 @@ async def test_a_multi_row_insert_writes_one_event_per_task_in_order(db: asyncpg
 async def test_a_multi_row_update_writes_one_event_per_changed_version(db: asyncpg.Connection, device: str) -> None:
     ids = [uuid.uuid4() for _ in range(4)]
     await db.execute(INSERT_TASKS, ids, device, ["queued"] * 4, [None] * 4)
-    await db.execute("UPDATE tasks SET status = 'sent', version = version + 1 WHERE id = ANY($1::uuid[])", ids[:3])
-    # The result arrives for two of them; then the other two change without a new version.
+    await db.execute("UPDATE tasks SET status = 'sent' WHERE id = ANY($1::uuid[])", ids[:3])
+    # Two of them are canceled; then the other two change without a new version.
     await db.execute(
-        "UPDATE tasks SET status = 'succeeded', version = version + 1, "
-        "result = jsonb_build_object('n', version), status_details = '{\"step\": null}' WHERE id = ANY($1::uuid[])",
+        "UPDATE tasks SET status = 'canceled', "
+        "error = jsonb_build_object('n', version), status_details = '{\"step\": null}' WHERE id = ANY($1::uuid[])",
         ids[:2],
     )
     await db.execute("UPDATE tasks SET priority = 5 WHERE id = ANY($1::uuid[])", ids[2:])
@@ -69,10 +69,10 @@ async def test_a_multi_row_update_writes_one_event_per_changed_version(db: async
     assert [(e["task_id"], e["version"], e["status"]) for e in events] == [
         *((task_id, 1, "queued") for task_id in ids),
         *((task_id, 2, "sent") for task_id in ids[:3]),
-        *((task_id, 3, "succeeded") for task_id in ids[:2]),
+        *((task_id, 3, "canceled") for task_id in ids[:2]),
     ]
     # The event holds the row after the change; JSON nulls are left out.
-    assert [json.loads(e["details"]) for e in events[-2:]] == [{"result": {"n": 2}, "status_details": {}}] * 2
+    assert [json.loads(e["details"]) for e in events[-2:]] == [{"error": {"n": 2}, "status_details": {}}] * 2
 
 
 async def test_statements_that_change_no_version_add_no_event(db: asyncpg.Connection, device: str) -> None:

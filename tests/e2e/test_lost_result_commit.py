@@ -28,7 +28,11 @@ async def lose_the_result_commit(db: asyncpg.Connection, task_id: str) -> None:
     """The task as it was before its result was committed: in progress, one version back, and
     without the audit row of the result (a lost commit takes both)."""
     async with db.transaction():
-        await db.execute("ALTER TABLE tasks DISABLE TRIGGER tasks_guard_final, DISABLE TRIGGER tasks_record_event")
+        # The lifecycle trigger would refuse the step back and count the version up.
+        await db.execute(
+            "ALTER TABLE tasks DISABLE TRIGGER tasks_guard_final, DISABLE TRIGGER tasks_lifecycle, "
+            "DISABLE TRIGGER tasks_record_event"
+        )
         await db.execute(
             """UPDATE tasks SET status = 'in_progress', version = version - 1, result = NULL, error = NULL,
                finished_at = NULL, deadline_at = now() + interval '1 hour' WHERE id = $1""",
@@ -38,7 +42,10 @@ async def lose_the_result_commit(db: asyncpg.Connection, task_id: str) -> None:
             "DELETE FROM task_events WHERE task_id = $1 AND version = (SELECT version + 1 FROM tasks WHERE id = $1)",
             uuid.UUID(task_id),
         )
-        await db.execute("ALTER TABLE tasks ENABLE TRIGGER tasks_guard_final, ENABLE TRIGGER tasks_record_event")
+        await db.execute(
+            "ALTER TABLE tasks ENABLE TRIGGER tasks_guard_final, ENABLE TRIGGER tasks_lifecycle, "
+            "ENABLE TRIGGER tasks_record_event"
+        )
 
 
 async def test_a_task_handed_out_again_after_its_result_is_reported_again_not_run_again(

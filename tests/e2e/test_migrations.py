@@ -1,6 +1,5 @@
-"""Migrations on a database of their own: no trigger notifies at head, the downgrade of
-7a0c0e1d2b01 restores the notify triggers exactly as they were, and that of b3a7c1e0d204 the
-foreign keys of tasks."""
+"""Migrations on a database of their own: up to head, down to nothing and up again gives the same
+schema, and the lifecycle trigger comes and goes with its own migration."""
 
 from __future__ import annotations
 
@@ -16,11 +15,22 @@ from alembic import command
 from app.settings import Settings
 from tests.conftest import ROOT
 
-BEFORE_POLLING = "0fe196a2d66f"
-BEFORE_CHECKS_PER_STATEMENT = "7a0c0e1d2b03"
+LIFECYCLE = "5c1f0a9d7e52"
 DATABASE = "swarm_test_migrations"
 
-Schema = tuple[dict[str, str], dict[str, str]]
+# What a schema is made of, as PostgreSQL describes it back.
+CATALOG = {
+    "columns": "SELECT table_name || '.' || column_name, concat_ws(' ', data_type, is_nullable, column_default) "
+    "FROM information_schema.columns WHERE table_schema = 'public'",
+    "constraints": "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
+    "WHERE connamespace = 'public'::regnamespace",
+    "indexes": "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'",
+    "triggers": "SELECT tgname || ' ON ' || tgrelid::regclass, pg_get_triggerdef(oid) FROM pg_trigger "
+    "WHERE NOT tgisinternal",
+    "functions": "SELECT proname, pg_get_functiondef(oid) FROM pg_proc WHERE pronamespace = 'public'::regnamespace",
+}
+
+Schema = dict[str, dict[str, str]]
 
 
 @pytest.fixture
@@ -39,62 +49,37 @@ async def scratch_url(settings: Settings) -> AsyncIterator[URL]:
 
 async def migrate(url: URL, step: str, revision: str) -> Schema:
     """Run `alembic <step> <revision>` (in a thread: env.py runs its own event loop), then read
-    the triggers and the definitions of the functions."""
+    the schema, alembic's own table left out."""
     config = Config(str(ROOT / "alembic.ini"))
     config.attributes["database_url"] = url.render_as_string(hide_password=False)
     config.attributes["configure_logger"] = False
     await asyncio.to_thread(getattr(command, step), config, revision)
     conn = await asyncpg.connect(url.set(drivername="postgresql").render_as_string(hide_password=False))
     try:
-        triggers = await conn.fetch("SELECT tgname, pg_get_triggerdef(oid) FROM pg_trigger WHERE NOT tgisinternal")
-        functions = await conn.fetch(
-            "SELECT proname, pg_get_functiondef(oid) FROM pg_proc WHERE pronamespace = 'public'::regnamespace"
-        )
+        schema = {kind: dict(await conn.fetch(query)) for kind, query in CATALOG.items()}
     finally:
         await conn.close()
-    return dict(triggers), dict(functions)
+    return {kind: {k: v for k, v in rows.items() if "alembic_version" not in k} for kind, rows in schema.items()}
 
 
-async def test_no_trigger_notifies_and_the_downgrade_restores_them(scratch_url: URL) -> None:
-    before = await migrate(scratch_url, "upgrade", BEFORE_POLLING)
-    triggers, functions = await migrate(scratch_url, "upgrade", "head")
+async def test_down_to_nothing_and_up_again_gives_the_same_schema(scratch_url: URL) -> None:
+    at_head = await migrate(scratch_url, "upgrade", "head")
+    assert {"tasks.status", "task_events.details", "devices.revoked_at"} <= at_head["columns"].keys()
+    assert {"tasks_guard_final ON tasks", "tasks_record_event ON tasks", "tasks_lifecycle ON tasks"} <= at_head[
+        "triggers"
+    ].keys()
+    # No trigger notifies: wake-ups come from polling (decision on app/events/feed.py).
+    assert not [name for name, definition in at_head["functions"].items() if "pg_notify" in definition]
+    # A task's device and batch are checked by triggers, not foreign keys.
+    assert not [name for name in at_head["constraints"] if name.startswith("fk_tasks_")]
 
-    assert not [name for name, definition in functions.items() if "pg_notify" in definition]
-    # The audit, event-log and final-state guard triggers stay.
-    assert {"tasks_record_event", "tasks_guard_final", "devices_record_event"} <= triggers.keys()
-    assert not {"task_events_notify", "device_events_notify"} & triggers.keys()
-    assert "INSERT INTO task_events" in functions["tasks_record_event"]
-
-    assert await migrate(scratch_url, "downgrade", BEFORE_POLLING) == before
-    assert "pg_notify('swarm_task_final'" in before[1]["tasks_record_event"]
-
-
-async def foreign_keys_of_tasks(url: URL) -> set[str]:
-    conn = await asyncpg.connect(url.set(drivername="postgresql").render_as_string(hide_password=False))
-    try:
-        rows = await conn.fetch(
-            "SELECT conname FROM pg_constraint WHERE conrelid = 'tasks'::regclass AND contype = 'f'"
-        )
-    finally:
-        await conn.close()
-    return {row["conname"] for row in rows}
+    assert await migrate(scratch_url, "downgrade", "base") == {kind: {} for kind in CATALOG}
+    assert await migrate(scratch_url, "upgrade", "head") == at_head
 
 
-async def test_the_downgrade_of_b3a7c1e0d204_restores_the_foreign_keys_of_tasks(scratch_url: URL) -> None:
-    before = await migrate(scratch_url, "upgrade", BEFORE_CHECKS_PER_STATEMENT)
-    keys_before = await foreign_keys_of_tasks(scratch_url)
-    triggers, functions = await migrate(scratch_url, "upgrade", "head")
-
-    assert not await foreign_keys_of_tasks(scratch_url)
-    assert {"tasks_check_parents", "tasks_keep_references", "devices_stay", "task_batches_stay"} <= triggers.keys()
-    assert "enable_seqscan TO 'off'" in functions["tasks_record_inserted"]
-
-    assert await migrate(scratch_url, "downgrade", BEFORE_CHECKS_PER_STATEMENT) == before
-    assert (
-        await foreign_keys_of_tasks(scratch_url)
-        == keys_before
-        == {
-            "fk_tasks_device_id_devices",
-            "fk_tasks_batch_id_task_batches",
-        }
-    )
+async def test_the_lifecycle_trigger_comes_and_goes_with_its_migration(scratch_url: URL) -> None:
+    before = await migrate(scratch_url, "upgrade", f"{LIFECYCLE}-1")
+    after = await migrate(scratch_url, "upgrade", LIFECYCLE)
+    assert after["triggers"].keys() - before["triggers"].keys() == {"tasks_lifecycle ON tasks"}
+    assert after["functions"].keys() - before["functions"].keys() == {"tasks_lifecycle"}
+    assert await migrate(scratch_url, "downgrade", f"{LIFECYCLE}-1") == before

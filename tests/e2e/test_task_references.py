@@ -1,4 +1,4 @@
-"""What the foreign keys of `tasks` guaranteed still holds without them (migration b3a7c1e0d204,
+"""What the foreign keys of `tasks` guaranteed still holds without them (the baseline migration,
 decision 23): every task names a device and, if any, a batch that exist, checked once per INSERT
 statement; a task's device and batch never change; devices and batches are never deleted."""
 
