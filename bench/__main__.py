@@ -38,6 +38,9 @@ DEFAULTS: dict[str, tuple[float, float]] = {
     "intake_seconds": (15, 3),
     "intake_devices": (1000, 50),
     "rt_devices": (1000, 20),
+    # Closed loop, one task in flight each: enough to keep the broker busy, few enough that the
+    # single device process is not what limits it.
+    "raw_devices": (20, 5),
     "rt_rate": (1000, 50),
     "rt_seconds": (20, 3),
     "scale_devices": (100_000, 1000),
@@ -109,6 +112,10 @@ async def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
         amqp = await raw.broker_ceiling(settings, 64, args.raw_seconds, progress)
         results["raw"] = {"postgres_insert_commit": db, "amqp_publish_confirmed": amqp}
         await _forget_raw_rows(stack)
+    if "roundtrip" in wanted:
+        progress.say("raw", f"the round trip without the app: {int(args.raw_devices)} closed-loop MQTT 5 devices")
+        ceiling = await raw.roundtrip_ceiling(settings, devices, int(args.raw_devices), args.raw_seconds, progress)
+        results.setdefault("raw", {})["roundtrip"] = ceiling
 
     if "intake" in wanted:
         await intake.prepare(settings, stack.dsn, int(args.intake_devices))
@@ -166,6 +173,8 @@ async def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
                 log_file=logs["simulator"],
                 progress=progress,
             )
+            ceiling = results["raw"]["roundtrip"]["per_s"]
+            results["roundtrip"]["share_of_raw_ceiling"] = round(results["roundtrip"]["achieved_per_s"] / ceiling, 3)
         if "connections" in wanted:
             results["connections"] = await connections.run(
                 stack,
@@ -280,6 +289,9 @@ def _targets(results: dict[str, Any], args: argparse.Namespace) -> list[dict[str
             p99,
             p99 < 50 and not lost if at_target_load else None,
         )
+        share = rt["share_of_raw_ceiling"]
+        offered_enough = rt["offered_per_s"] >= results["raw"]["roundtrip"]["per_s"]
+        check("round trip >= 70% of the raw round-trip ceiling", share, share >= 0.7 if offered_enough else None)
     if "scale" in results:
         sc = results["scale"]
         at_size = sc["tasks"] >= 1_000_000
@@ -300,10 +312,19 @@ def _targets(results: dict[str, Any], args: argparse.Namespace) -> list[dict[str
 
 def print_table(results: dict[str, Any]) -> None:
     rows: list[tuple[str, str]] = []
-    if "raw" in results:
+    if "postgres_insert_commit" in results.get("raw", {}):
         db, amqp = results["raw"]["postgres_insert_commit"], results["raw"]["amqp_publish_confirmed"]
         rows.append(("raw: postgres INSERT+COMMIT", f"{db['per_s']:,.0f}/s ({db['concurrency']} connections)"))
         rows.append(("raw: amqp publish, confirmed", f"{amqp['per_s']:,.0f}/s ({amqp['in_flight']} in flight)"))
+    if "roundtrip" in results.get("raw", {}):
+        ceiling = results["raw"]["roundtrip"]
+        rows.append(
+            (
+                "raw: round trip without the app",
+                f"{ceiling['per_s']:,.0f} tasks/s ({ceiling['devices']} closed-loop devices, "
+                f"p50 {ceiling['latency_ms']['p50']} ms)",
+            )
+        )
     if "intake" in results:
         it = results["intake"]
         lat = it["answer_latency_ms"]
@@ -343,6 +364,16 @@ def print_table(results: dict[str, Any]) -> None:
             )
         )
         rows.append(("round trip: p50/p95/p99/max", f"{lat['p50']} / {lat['p95']} / {lat['p99']} / {lat['max']} ms"))
+        left = rt["left_for_next_section"]
+        rows.append(
+            (
+                "round trip: left behind",
+                f"{left['tasks_canceled']} unfinished tasks canceled, {left['messages_purged']} messages purged",
+            )
+        )
+        rows.append(
+            ("round trip: share of raw ceiling", f"{rt['achieved_per_s']:g}/s = {rt['share_of_raw_ceiling']:.0%}")
+        )
         per_task = ", ".join(f"{part} {ms}" for part, ms in rt["cpu"]["ms_per_task"].items())
         rows.append(("round trip: CPU ms per task", f"{per_task} (load average {rt['cpu']['load_average']:.1f})"))
     if "scale" in results:

@@ -24,7 +24,7 @@ import orjson
 
 from app.settings import Settings
 from bench.env import CpuMeter, Stack
-from bench.fleet import Fleet
+from bench.fleet import Fleet, purge_queues
 from bench.http import HttpConnection
 from bench.progress import Progress, percentiles_ms
 from bench.simulator import Simulator, simulating
@@ -74,6 +74,7 @@ async def run(
         sent_at, errors = await _offer(app_port, fleet.ids(devices), rate, duration_s, headers, progress)
         finished = await _finished(dsn, list(sent_at), progress)
         cpu = cpu_report(meter.used(), len(finished), time.monotonic() - started)
+    left = await settle(settings, dsn)
     latencies = [finished[task_id] - sent for task_id, sent in sent_at.items() if task_id in finished]
     return {
         "devices": devices,
@@ -86,7 +87,29 @@ async def run(
         "achieved_per_s": round(len(latencies) / duration_s, 1),
         "latency_ms": percentiles_ms(latencies),
         "cpu": cpu,
+        "left_for_next_section": left,
     }
+
+
+async def settle(settings: Settings, dsn: str) -> dict[str, int]:
+    """Leave nothing to the next section: an overloaded round trip's unfinished tasks would run
+    their deadlines and re-sends, and its queued requests would be worked off, during it. The
+    unfinished tasks are canceled in SQL (their devices are gone; nobody needs the notice), then
+    the app's queues are purged."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        canceled = await conn.fetchval(
+            """
+            WITH canceled AS (
+                UPDATE tasks SET status = 'canceled', version = version + 1, updated_at = now(),
+                                 finished_at = now(), deadline_at = NULL, notice_due_at = NULL
+                WHERE finished_at IS NULL RETURNING 1
+            ) SELECT count(*) FROM canceled
+            """
+        )
+    finally:
+        await conn.close()
+    return {"tasks_canceled": canceled, "messages_purged": await purge_queues(settings)}
 
 
 async def _offer(

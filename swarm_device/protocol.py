@@ -143,6 +143,11 @@ class ResultParams(WireModel):
     status: ReportedStatus
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
+    next: bool = Field(
+        default=False,
+        description="Also hand out the device's next task: the reply then carries it as `next_task` "
+        "(null: none), as `tasks/next` would, so the device need not call `tasks/next` after the result.",
+    )
 
 
 class StateParams(WireModel):
@@ -168,6 +173,14 @@ class Task(WireModel):
     status_details: dict[str, Any] | None = None
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
+
+
+class FinishedTask(Task):
+    """The answer to a `result` that asked for `next`: the final task and the device's next one,
+    already in progress (null if there is none). A core that does not know `next` answers without
+    `next_task`: the device then pulls with `tasks/next` as before."""
+
+    next_task: Task | None = None
 
 
 class Device(WireModel):

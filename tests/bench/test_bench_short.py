@@ -16,7 +16,12 @@ import pytest
 from tests.conftest import ROOT, STACK
 
 SECTIONS = {
-    "raw": ["postgres_insert_commit.per_s", "amqp_publish_confirmed.per_s"],
+    "raw": [
+        "postgres_insert_commit.per_s",
+        "amqp_publish_confirmed.per_s",
+        "roundtrip.per_s",
+        "roundtrip.latency_ms.p50",
+    ],
     "intake": [
         "persisted_per_s",
         "noticed_per_s",
@@ -27,7 +32,7 @@ SECTIONS = {
         "app_cpu_ms_per_task",
         "http_floor.app_cpu_ms_per_request",
     ],
-    "roundtrip": ["completed", "achieved_per_s", "latency_ms.p50", "latency_ms.p99"],
+    "roundtrip": ["completed", "achieved_per_s", "latency_ms.p50", "latency_ms.p99", "share_of_raw_ceiling"],
     "scale": ["tasks", "devices", "next_empty_ms.p50", "next_loaded_ms.p50"],
     "connections": ["stayed_connected"],
 }
@@ -76,6 +81,8 @@ def test_short_mode_reports_every_section(stack_env: dict[str, str], tmp_path: P
         value = _figure(results, figure)
         assert isinstance(value, int), f"{figure} = {value!r}"
     assert results["roundtrip"]["not_final_after_wait"] == 0
+    # Every task finished, so the round trip left nothing for the sections after it.
+    assert results["roundtrip"]["left_for_next_section"]["tasks_canceled"] == 0
     assert results["connections"]["stayed_connected"] == results["connections"]["target"]
     assert {t["target"] for t in results["targets"]}, "the targets are evaluated"
     assert "intake: persisted" in completed.stdout
