@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import socket
 import ssl
 from pathlib import Path
 
@@ -31,6 +32,10 @@ async def device(args: argparse.Namespace, device_id: str, subscribed: asyncio.Q
     async with aiomqtt.Client(
         args.host, args.port, identifier=device_id, protocol=aiomqtt.ProtocolVersion.V5, tls_context=tls
     ) as client:
+        # As the SDK does: without it, Nagle holds each small request back for the previous ACK.
+        sock = client._client.socket()
+        if isinstance(sock, socket.socket):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         replies = reply_topic(device_id)
         await client.subscribe([(notify_topic(device_id), 1), (replies, 1)])
         await subscribed.put(device_id)
