@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-hello", action="store_true", help="connections: devices only connect (no hello, no tasks/next)"
     )
+    parser.add_argument(
+        "--no-ask-next", action="store_true", help="roundtrip: devices report results without `next` (older SDKs)"
+    )
     parser.add_argument("--output", type=Path, default=None, help="JSON file (default: bench-results/<time>.json)")
     for name in DEFAULTS:
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=None)
@@ -172,6 +175,7 @@ async def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
                 headers=_headers(args),
                 log_file=logs["simulator"],
                 progress=progress,
+                ask_next=not args.no_ask_next,
             )
             ceiling = results["raw"]["roundtrip"]["per_s"]
             results["roundtrip"]["share_of_raw_ceiling"] = round(results["roundtrip"]["achieved_per_s"] / ceiling, 3)

@@ -66,8 +66,11 @@ async def run(
     headers: dict[str, str],
     log_file: Path,
     progress: Progress,
+    ask_next: bool = True,
 ) -> dict[str, Any]:
-    async with simulating(settings, fleet, devices, connect_rate=300, log_file=log_file) as simulator:
+    async with simulating(
+        settings, fleet, devices, connect_rate=300, log_file=log_file, ask_next=ask_next
+    ) as simulator:
         await wait_ready(simulator, devices, devices / 100 + 60, "roundtrip", progress)
         progress.say("roundtrip", f"{devices} devices ready; offering {rate:g} tasks/s for {duration_s:g} s")
         meter, started = CpuMeter(stack, app_pids, simulator.pids), time.monotonic()
@@ -78,6 +81,7 @@ async def run(
     latencies = [finished[task_id] - sent for task_id, sent in sent_at.items() if task_id in finished]
     return {
         "devices": devices,
+        "ask_next": ask_next,
         "offered_per_s": rate,
         "duration_s": duration_s,
         "posted": len(sent_at),

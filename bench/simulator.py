@@ -81,10 +81,12 @@ async def simulating(
     *,
     processes: int = 1,
     no_hello: bool = False,
+    ask_next: bool = True,
 ) -> AsyncIterator[Simulator]:
     """Devices `<prefix>1..<prefix><count>` of the fleet running `echo` tasks until the block ends,
     split over `processes` simulator processes that share the connect rate; `no_hello`: devices
-    that only connect (ready once subscribed)."""
+    that only connect (ready once subscribed); `ask_next=False`: devices that report results as
+    older SDKs did."""
     processes = max(1, min(processes, count))
     started: list[asyncio.subprocess.Process] = []
     try:
@@ -104,6 +106,7 @@ async def simulating(
                     f"--connect-rate={connect_rate / processes}",
                     "--status-interval=1",
                     *(["--no-hello"] if no_hello else []),
+                    *([] if ask_next else ["--no-ask-next"]),
                 )
                 started.append(
                     await asyncio.create_subprocess_exec(

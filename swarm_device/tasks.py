@@ -120,8 +120,9 @@ class TaskWorker:
     result is reported once the device is back (the calls wait for a connection).
     """
 
-    def __init__(self, call: Caller, stats: DeviceStats, *, device_id: str = "") -> None:
+    def __init__(self, call: Caller, stats: DeviceStats, *, device_id: str = "", ask_next: bool = True) -> None:
         self._call = call
+        self._ask_next = ask_next
         self._stats = stats
         self._device_id = device_id
         self.handlers: dict[str, TaskHandler] = {}
@@ -232,7 +233,7 @@ class TaskWorker:
         try:
             answer = await self._call(
                 result_method(task.id),
-                outcome.model_copy(update={"next": True}).model_dump(mode="json"),
+                outcome.model_copy(update={"next": self._ask_next}).model_dump(mode="json"),
                 until_answered=True,
             )
         except RpcCallError as exc:
