@@ -81,8 +81,12 @@ def test_short_mode_reports_every_section(stack_env: dict[str, str], tmp_path: P
         value = _figure(results, figure)
         assert isinstance(value, int), f"{figure} = {value!r}"
     assert results["roundtrip"]["not_final_after_wait"] == 0
-    # Every task finished, so the round trip left nothing for the sections after it.
-    assert results["roundtrip"]["left_for_next_section"]["tasks_canceled"] == 0
+    # What the sections before left unfinished (intake's tasks of devices that never connect) is
+    # canceled after the round trip, so that nothing of it runs during the sections after it.
+    # Intake's devices never connect, so its tasks are always among them.
+    left = results["roundtrip"]["left_for_next_section"]
+    assert left["tasks_canceled"] > 0
+    assert isinstance(left["messages_purged"], int)
     assert results["connections"]["stayed_connected"] == results["connections"]["target"]
     assert {t["target"] for t in results["targets"]}, "the targets are evaluated"
     assert "intake: persisted" in completed.stdout
