@@ -103,7 +103,7 @@ async def roundtrip_ceiling(
         URL(settings.broker.url).update_query(auth="EXTERNAL", name="bench raw consumer"),
         context=tls_context(settings.broker),
     )
-    noticed_at: dict[str, float] = {}
+    noticed_at: dict[str, float] = {}  # devices with a chain under way: when it began
     latencies: list[float] = []
     counting = False
 
@@ -127,9 +127,13 @@ async def roundtrip_ceiling(
             )
         )
         await channel.basic_ack(message.delivery_tag)  # type: ignore[arg-type]
-        if step == "result":
+        # One chain per device: a result that does not end the device's current one (a copy of a
+        # request, a second consumer of a run killed mid-way) is answered but starts nothing, or
+        # the chains would multiply with every copy.
+        began = noticed_at.pop(device_id, None) if step == "result" else None
+        if began is not None:
             if counting:
-                latencies.append(time.monotonic() - noticed_at[device_id])
+                latencies.append(time.monotonic() - began)
             await notice(device_id)
 
     channel = await connection.channel()
