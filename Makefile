@@ -11,14 +11,24 @@ export SWARM_STACK
 VENV := .venv/bin
 APP_ENV = .run/$(SWARM_STACK)/app.env
 
-.PHONY: help install services up down status test lint migrate certs compose-check bench bench-short
+.PHONY: help install asyncapi-tool services up down status test lint migrate certs compose-check bench bench-short
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "  SWARM_STACK=$(SWARM_STACK) (dev or test) picks the stack for services, up, down, status, migrate"
 
-install: ## apt packages (debootstrap, nginx, PostgreSQL, mosquitto clients), the .venv, RabbitMQ 4.0's Debian 13 root; a no-op when done
+install: ## apt packages (debootstrap, nginx, PostgreSQL, mosquitto clients), the .venv, RabbitMQ 4.0's Debian 13 root, the AsyncAPI checker; a no-op when done
 	@scripts/stack.sh install
+	@if command -v npm >/dev/null; then $(MAKE) --no-print-directory asyncapi-tool; \
+	else echo "npm not found: the AsyncAPI checker the tests use is not installed (Debian: nodejs, npm)"; fi
+
+# The official AsyncAPI parser (npm, version pinned in its package.json) that the tests validate the
+# device protocol's document with; installed here, never at test time. No lock file, no install scripts.
+ASYNCAPI_TOOL := tools/asyncapi-check/node_modules/@asyncapi/parser/package.json
+asyncapi-tool: $(ASYNCAPI_TOOL) ## the AsyncAPI checker (tools/asyncapi-check, npm)
+$(ASYNCAPI_TOOL): tools/asyncapi-check/package.json
+	npm install --prefix tools/asyncapi-check --no-package-lock --ignore-scripts --no-audit --no-fund
+	@touch $@
 
 services: ## start PKI, PostgreSQL, RabbitMQ and nginx of the stack (idempotent), write .run/<stack>/app.env
 	@scripts/stack.sh services
@@ -45,7 +55,7 @@ certs: ## the stack's CA, server and client certificates (part of `services`)
 
 # The test stack (own folder, own ports) is fully separate from dev; its settings are exported
 # so that nothing in the tests can reach the dev stack by default.
-test: ## start the test stack and run the tests (PYTEST_ARGS=... to pass options)
+test: asyncapi-tool ## start the test stack and run the tests (PYTEST_ARGS=... to pass options)
 	@SWARM_STACK=test scripts/stack.sh services
 	@set -a && . .run/test/app.env && set +a && SWARM_STACK=test $(VENV)/pytest $(PYTEST_ARGS)
 

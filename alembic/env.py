@@ -12,6 +12,7 @@ from alembic import context
 from app.db import Base
 from app.devices import models as device_models  # noqa: F401  (registers the tables)
 from app.events import models as event_models  # noqa: F401
+from app.processes import models as process_models  # noqa: F401
 from app.settings import get_settings
 from app.tasks import models as task_models  # noqa: F401
 

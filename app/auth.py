@@ -4,10 +4,12 @@ with whoever mints tokens (`python -m app.cli token`)."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
+from urllib.parse import urlsplit
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
@@ -24,18 +26,33 @@ class Scope(StrEnum):
     TASKS_READ = "tasks:read"
     TASKS_WRITE = "tasks:write"
     DEVICES_ADMIN = "devices:admin"
+    PROCESSES_READ = "processes:read"
+    PROCESSES_WRITE = "processes:write"
+    # Complete human steps; which ones also needs the step's role as a scope `role:<name>`.
+    PROCESSES_WORK = "processes:work"
+
+
+ROLE_SCOPE_PREFIX = "role:"
 
 
 @dataclass(frozen=True)
 class Principal:
-    """Who sent the request (the token's `sub`) and what it may do."""
+    """Who sent the request (the token's `sub`), what it may do, and until when (the token's
+    `exp`, a Unix time; None for ANONYMOUS)."""
 
     subject: str
     scopes: frozenset[str]
+    expires_at: float | None = None
 
 
 # With auth disabled (a throw-away local run) every request may do everything.
 ANONYMOUS = Principal("anonymous", frozenset(Scope))
+
+
+def holds_role(principal: Principal, role: str) -> bool:
+    """Whether the principal may work on steps of `role` (everybody may when auth is off)."""
+    return principal is ANONYMOUS or f"{ROLE_SCOPE_PREFIX}{role}" in principal.scopes
+
 
 # Tokens remembered after a full check; a control center uses a few tokens for many requests.
 MAX_VERIFIED_TOKENS = 1024
@@ -96,7 +113,8 @@ class TokenVerifier:
         scope = claims.get("scope", "")
         if not isinstance(scope, str):
             raise Unauthorized("Invalid bearer token: `scope` must be a space-separated string.")
-        return Principal(claims["sub"], frozenset(scope.split())), float(claims["exp"])
+        expires = float(claims["exp"])
+        return Principal(claims["sub"], frozenset(scope.split()), expires), expires
 
 
 def mint_token(settings: AuthSettings, subject: str, scopes: Iterable[str], ttl_s: int) -> str:
@@ -112,3 +130,29 @@ def mint_token(settings: AuthSettings, subject: str, scopes: Iterable[str], ttl_
         "exp": now + ttl_s,
     }
     return jwt.encode(claims, settings.signing_key_file.read_bytes(), algorithm=ALGORITHM)
+
+
+# The console's session: the operator's own API token, kept by the browser in this cookie
+# (HttpOnly, Secure, SameSite=Strict) so that its EventSource and its forms authenticate like any
+# API client. nginx (nginx/edge.js) reads the same name.
+SESSION_COOKIE = "swarm_session"
+# The header every state-changing request made with the cookie must carry (the console sends it
+# with each htmx request): the synchroniser token of the session, csrf_token(the cookie's token).
+CSRF_HEADER = "X-CSRF-Token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def csrf_token(token: str) -> str:
+    """The CSRF token of a session: derived from its (HttpOnly) token, so another site can neither
+    read nor forge it, and no server-side state is needed. Not the token itself: a page that shows
+    it must not reveal the credential."""
+    return hashlib.sha256(b"swarm-core csrf\0" + token.encode()).hexdigest()
+
+
+def same_origin(origin: str | None, host: str | None) -> bool:
+    """A browser's Origin header names the host it was sent to (ports aside: nginx forwards
+    `Host` without one); no Origin (a same-origin GET, a non-browser client) passes."""
+    if origin is None:
+        return True
+    origin_host = urlsplit(origin).hostname
+    return origin_host is not None and host is not None and origin_host == urlsplit(f"//{host}").hostname

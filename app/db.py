@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from datetime import datetime
+from typing import TypeVar
 
 from sqlalchemy import DateTime, MetaData, func
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from app.errors import is_infrastructure_error
 from app.settings import DatabaseSettings
+
+Row = TypeVar("Row")
+Key = TypeVar("Key")
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -64,3 +70,43 @@ Sessions = async_sessionmaker[AsyncSession]
 
 def create_sessionmaker(engine: AsyncEngine) -> Sessions:
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+async def change_each(
+    session: AsyncSession,
+    rows: Sequence[Row],
+    change: Callable[[Row], None],
+    key: Callable[[Row], Key],
+    failed: Callable[[Key, Exception], None],
+) -> list[Row]:
+    """Apply `change` to the (locked) ORM rows and flush them together; if that fails for a reason
+    other than the infrastructure, row by row, each in its own savepoint: the key of a row that
+    fails alone is handed to `failed` and the row left as it was, the others go on. Returns the
+    rows changed; the caller commits."""
+    # Read now: a failed savepoint expires what it touched, and an async session cannot reload
+    # an attribute on access.
+    keys = [key(row) for row in rows]
+    try:
+        async with session.begin_nested():
+            for row in rows:
+                change(row)
+            await session.flush()
+        return list(rows)
+    except Exception as exc:
+        if is_infrastructure_error(exc):
+            raise
+    changed: list[Row] = []
+    for row, row_key in zip(rows, keys, strict=True):
+        try:
+            async with session.begin_nested():
+                # The failed savepoint expired what it touched: read the row again (still locked).
+                await session.refresh(row)
+                change(row)
+                await session.flush()
+        except Exception as exc:
+            if is_infrastructure_error(exc):
+                raise
+            failed(row_key, exc)
+        else:
+            changed.append(row)
+    return changed

@@ -42,9 +42,10 @@ from pydantic import BaseModel, ValidationError
 
 from app import metrics
 from app.broker import AMQ_TOPIC, DEAD_LETTER_EXCHANGE, ConfirmedPublisher, Outgoing
+from app.device_limits import DeviceLimiter, Verdict
 from app.errors import AppError, back_off, until_infrastructure_answers
-from app.storable_json import NUL_REFUSED, contains_nul
-from swarm_device.protocol import REQUEST_ID_MAX_LENGTH, ErrorCode, Request, reply_topic
+from app.storable_json import unstorable
+from swarm_device.protocol import REQUEST_ID_MAX_LENGTH, ErrorCode, Request, RpcError, reply_topic
 
 log = logging.getLogger(__name__)
 # Where RabbitMQ 4 puts an MQTT 5 Response Topic (as a routing key) for AMQP 0.9.1 consumers.
@@ -123,9 +124,10 @@ def parse_request(body: bytes, params_model: type[P]) -> tuple[str, P]:
         envelope = Request.model_validate(raw)
     except ValidationError as exc:
         raise RequestRejected(f"request envelope is invalid: {_first_error(exc)}", _salvage_id(raw)) from None
-    # PostgreSQL text and jsonb cannot hold U+0000: refuse it here rather than fail in the database.
-    if b"\\u0000" in body and contains_nul(envelope.params):
-        raise RequestRejected(NUL_REFUSED, envelope.id)
+    # orjson refused NaN and lone surrogates already (and read big integers as floats); PostgreSQL
+    # text and jsonb cannot hold U+0000: refuse it here rather than fail in the database.
+    if b"\\u0000" in body and (problem := unstorable(envelope.params, "params")) is not None:
+        raise RequestRejected(problem, envelope.id)
     try:
         return envelope.id, params_model.model_validate(envelope.params)
     except ValidationError as exc:
@@ -133,6 +135,9 @@ def parse_request(body: bytes, params_model: type[P]) -> tuple[str, P]:
 
 
 def _first_error(exc: ValidationError) -> str:
+    unknown = [".".join(str(part) for part in e["loc"])[:64] for e in exc.errors() if e["type"] == "extra_forbidden"]
+    if unknown:
+        return f"fields the method does not define: {', '.join(unknown)}"
     error = exc.errors()[0]
     location = ".".join(str(part) for part in error["loc"]) or "body"
     return f"{location}: {error['msg']}"
@@ -145,11 +150,15 @@ def _salvage_id(raw: Any) -> str | None:
 
 
 def encode_reply(
-    request_id: str | None, result: BaseModel | None = None, error: tuple[ErrorCode, str] | None = None
+    request_id: str | None,
+    result: BaseModel | None = None,
+    error: tuple[ErrorCode, str] | None = None,
+    retry_after_s: float | None = None,
 ) -> bytes:
     if error is not None:
         code, message = error
-        return orjson.dumps({"id": request_id, "error": {"code": code.value, "message": message}})
+        body = RpcError(code=code, message=message, retry_after_s=retry_after_s)
+        return orjson.dumps({"id": request_id, "error": body.model_dump(mode="json", exclude_none=True)})
     payload = result.model_dump(mode="json") if result is not None else None
     return orjson.dumps({"id": request_id, "result": payload})
 
@@ -207,9 +216,12 @@ class RecentReplies:
 class DeviceRpcRouter:
     """Registers device methods on a FastStream RabbitRouter."""
 
-    def __init__(self, publisher: ConfirmedPublisher, max_concurrency: int = 16) -> None:
+    def __init__(
+        self, publisher: ConfirmedPublisher, max_concurrency: int = 16, limiter: DeviceLimiter | None = None
+    ) -> None:
         self.router = RabbitRouter()
         self._publisher = publisher
+        self._limiter = limiter
         # Reply message ids: unique among the publisher's messages in flight (a device may send
         # the same request id twice, e.g. a retried hello, before the first reply is confirmed).
         self._reply_numbers = itertools.count()
@@ -236,7 +248,8 @@ class DeviceRpcRouter:
                 ack_policy=AckPolicy.MANUAL,
                 no_reply=True,
                 title=f"dev/{{device_id}}/up/rpc/{pattern}",
-                description=handler.__doc__,
+                description=f"{handler.__doc__ or ''} Params: {', '.join(params.model_fields) or 'none'}; "
+                "a field the method does not define is refused with `invalid`, naming it.",
             )(consume)
             return handler
 
@@ -261,6 +274,8 @@ class DeviceRpcRouter:
 
     async def _handle(self, message: RabbitMessage, pattern: str, handler: Handler[P], params_model: type[P]) -> None:
         device_id = str(message.path["device_id"])
+        if self._limiter is not None and await self._limited(message, device_id, self._limiter.check(device_id)):
+            return
         request_id: str | None = None
         key: RequestKey | None = None
         try:
@@ -304,6 +319,23 @@ class DeviceRpcRouter:
             self._recent.answered(key, reply)
         await self._reply(message, device_id, reply)
         await message.ack()
+
+    async def _limited(self, message: RabbitMessage, device_id: str, verdict: Verdict) -> bool:
+        """Answer a request over the device's limit (True), before any parsing or database work."""
+        if verdict is Verdict.ADMIT:
+            return False
+        if verdict is Verdict.REFUSE:
+            assert self._limiter is not None
+            try:
+                request_id = _salvage_id(orjson.loads(message.body)) if len(message.body) <= MAX_REQUEST_BYTES else None
+            except orjson.JSONDecodeError:
+                request_id = None
+            error = (ErrorCode.RATE_LIMITED, "too many requests from this device")
+            await self._reply(
+                message, device_id, encode_reply(request_id, error=error, retry_after_s=self._limiter.retry_after_s)
+            )
+        await message.ack()
+        return True
 
     async def _answer_copy(self, message: RabbitMessage, device_id: str, earlier: bytes) -> None:
         # While the first is being handled its reply will answer the copy too; nothing is lost by

@@ -12,6 +12,7 @@ from sqlalchemy import text
 
 from app import metrics
 from app.dependencies import RuntimeDep
+from app.errors import problem_responses
 
 router = APIRouter(tags=["health"])
 
@@ -44,7 +45,11 @@ async def readyz(runtime: RuntimeDep) -> Response:
     return Response(body.model_dump_json(), status_code=200 if ready else 503, media_type="application/json")
 
 
-@router.get("/metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}, **problem_responses(503)},
+)
 async def prometheus_metrics(runtime: RuntimeDep) -> Response:
     """Prometheus metrics: tasks by state, durations, consumer errors, dead letters, connected devices."""
     return Response(await metrics.exposition(runtime.sessions), media_type=CONTENT_TYPE_LATEST)

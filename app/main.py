@@ -8,14 +8,20 @@ import logging
 from fastapi import FastAPI
 
 from app import asyncapi, health
+from app.console import pages, signin
+from app.devices import console as devices_console
 from app.devices import router as devices
 from app.errors import install_error_handlers
 from app.events import router as events
 from app.lifespan import lifespan_for
+from app.processes import router as processes
 from app.settings import Settings, get_settings
+from app.tasks import console as tasks_console
 from app.tasks import router as tasks
 
 API_PREFIX = "/api/v1"
+# The operator console: server-rendered pages (app/console/pages.py), one entry per page.
+CONSOLE_PAGES = (signin.PAGE, devices_console.PAGE, tasks_console.PAGE)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -31,8 +37,9 @@ def create_app(settings: Settings) -> FastAPI:
     # Every API route needs a valid bearer token with the scope the route names (`requires`).
     # Included straight into the app: a router nested in an /api/v1 router is matched level by
     # level, on every request.
-    for api in (devices.router, tasks.router, events.router):
+    for api in (devices.router, tasks.router, events.router, processes.router):
         app.include_router(api, prefix=API_PREFIX)
+    pages.install(app, CONSOLE_PAGES)
     app.include_router(health.router)
     app.include_router(asyncapi.router)
     install_error_handlers(app)

@@ -51,6 +51,12 @@ REQUEST_COPIES = Counter(
     ["handler"],
     registry=REGISTRY,
 )
+REQUESTS_LIMITED = Counter(
+    "swarm_device_requests_limited_total",
+    "Device requests refused or dropped by the per-device limit (only limited devices appear).",
+    ["device_id"],
+    registry=REGISTRY,
+)
 DEAD_LETTERED = Counter(
     "swarm_dead_lettered_total", "Device requests parked in the dead-letter queue.", ["handler"], registry=REGISTRY
 )

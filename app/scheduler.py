@@ -10,6 +10,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from app.dependencies import Runtime
 from app.devices import jobs as device_jobs
+from app.processes import jobs as process_jobs
 from app.tasks import jobs as task_jobs
 
 Job = Callable[[Runtime], Awaitable[None]]
@@ -31,6 +32,10 @@ def periodic_jobs(runtime: Runtime) -> list[PeriodicJob]:
         PeriodicJob(task_jobs.resend_notices, intervals.notices_interval_s),
         PeriodicJob(device_jobs.reconcile_broker, intervals.presence_interval_s, at_start=True),
         PeriodicJob(device_jobs.publish_configs, intervals.configs_interval_s),
+        PeriodicJob(process_jobs.advance_steps, intervals.processes_interval_s),
+        PeriodicJob(process_jobs.deliver_notifications, intervals.processes_interval_s),
+        PeriodicJob(process_jobs.run_triggers, intervals.processes_interval_s),
+        PeriodicJob(device_jobs.lift_blocks, intervals.blocks_interval_s),
     ]
 
 

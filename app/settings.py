@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -35,6 +35,25 @@ class BrokerSettings(BaseModel):
     mqtt_port: int = 35883
     # Messages a consumer may hold unacknowledged, per queue.
     prefetch: int = 64
+    # Broker connections one device certificate may hold at once (a RabbitMQ user limit).
+    device_max_connections: int = Field(default=2, ge=1)
+
+
+class DeviceLimitSettings(BaseModel):
+    """What one device may ask of the core (decision 46); the SDK stays under these by itself."""
+
+    # Requests per second, per device and per app process, and the burst a quiet device may send.
+    requests_per_s: float = Field(default=50.0, gt=0)
+    burst: int = Field(default=100, ge=1)
+    # A limited device is reported (event, device record) at most once per window.
+    report_window_s: float = Field(default=60.0, gt=0)
+    # A device sending faster than `block_rate_per_s` (over a burst of `block_burst`), or that
+    # connects more often than `connects_per_window` in a window, is blocked at the broker for
+    # `block_s`.
+    block_rate_per_s: float = Field(default=100.0, gt=0)
+    block_burst: int = Field(default=200, ge=1)
+    connects_per_window: int = Field(default=20, ge=1)
+    block_s: float = Field(default=60.0, gt=0)
 
 
 class PkiSettings(BaseModel):
@@ -68,6 +87,33 @@ class TaskSettings(BaseModel):
     long_poll_max_s: float = 60.0
 
 
+class SmtpSettings(BaseModel):
+    """Where process notifications are mailed (aiosmtplib). A server that is down delays mails:
+    they wait in the outbox (process_outbox) and are retried."""
+
+    host: str = "127.0.0.1"
+    port: int = 25
+    username: str | None = None
+    password: SecretStr | None = None
+    # Implicit TLS (usually port 465), or STARTTLS when the server offers it (None: if offered).
+    use_tls: bool = False
+    start_tls: bool | None = None
+    sender: str = "swarm-core@localhost"
+    timeout_s: float = 10.0
+
+
+class ProcessSettings(BaseModel):
+    # Roles that human steps may name; a token holds one as the scope `role:<name>`.
+    roles: list[str] = ["operator", "engineer", "technologist", "admin"]
+    smtp: SmtpSettings = SmtpSettings()
+    webhook_timeout_s: float = 10.0
+    # A notification that failed is tried again after this many seconds, doubling up to the max.
+    retry_after_s: float = 5.0
+    retry_max_s: float = 600.0
+    # Steps advanced per job run and per kind (task results, timers), each in its own transaction.
+    batch: int = 500
+
+
 class SchedulerSettings(BaseModel):
     enabled: bool = True
     deadlines_interval_s: float = 2.0
@@ -75,6 +121,8 @@ class SchedulerSettings(BaseModel):
     notices_interval_s: float = 5.0
     presence_interval_s: float = 300.0
     configs_interval_s: float = 10.0
+    processes_interval_s: float = 1.0
+    blocks_interval_s: float = 5.0
 
 
 class Settings(BaseSettings):
@@ -86,7 +134,9 @@ class Settings(BaseSettings):
     pki: PkiSettings = PkiSettings()
     auth: AuthSettings = AuthSettings()
     tasks: TaskSettings = TaskSettings()
+    processes: ProcessSettings = ProcessSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
+    device_limits: DeviceLimitSettings = DeviceLimitSettings()
 
 
 @lru_cache

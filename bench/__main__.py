@@ -2,8 +2,9 @@
 
 Order: the stack's services -> a fresh `swarm_bench` database -> benchmark devices (rows,
 certificates, broker users) -> raw limits (the app not running) -> the app (uvicorn, N workers)
--> `tasks/next` on the empty database -> intake -> round trip -> connections -> bulk load ->
-`tasks/next` again. Other sections can be left out with --sections.
+-> `tasks/next` on the empty database -> intake -> round trip -> connections -> fairness -> bulk load ->
+`tasks/next` again -> processes (step transitions, empty and with stored instances; in the
+bench process, before the app starts). Other sections can be left out with --sections.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import argparse
 import asyncio
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,13 +26,16 @@ import asyncpg
 import orjson
 import uvloop
 
-from bench import connections, fleet, intake, plans, raw, roundtrip, scale
-from bench.env import ROOT, Stack, fresh_database, running_app, start_services
+from bench import connections, fairness, fleet, intake, plans, processes, raw, roundtrip, scale
+from bench.env import ROOT, Stack, busy_percent, fresh_database, measured_commit, running_app, start_services
 from bench.progress import Progress
 
-SECTIONS = ("raw", "intake", "roundtrip", "scale", "connections")
+SECTIONS = ("raw", "intake", "roundtrip", "scale", "connections", "fairness", "processes")
 RESULTS_DIR = ROOT / "bench-results"
 FLEET_PREFIX = "b-"
+# Before anything starts, the machine is watched this long: a run on a busy box measures its
+# neighbours too, and says so.
+BUSY_SAMPLE_S = 2.0
 
 # (full, short) defaults of every sized parameter.
 DEFAULTS: dict[str, tuple[float, float]] = {
@@ -51,6 +57,12 @@ DEFAULTS: dict[str, tuple[float, float]] = {
     "connect_rate": (50, 100),
     "hold_seconds": (20, 2),
     "sim_processes": (2, 1),
+    "process_workers": (32, 4),
+    "process_seconds": (15, 1),
+    "process_instances": (1_000_000, 2_000),
+    "fair_victims": (20, 3),
+    "fair_rate": (20, 10),
+    "fair_seconds": (20, 4),
 }
 
 
@@ -68,7 +80,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-ask-next", action="store_true", help="roundtrip: devices report results without `next` (older SDKs)"
     )
+    parser.add_argument("--flood-method", default="tasks/next", help="fairness: the method the flooding device sends")
     parser.add_argument("--output", type=Path, default=None, help="JSON file (default: bench-results/<time>.json)")
+    parser.add_argument(
+        "--busy-threshold",
+        type=float,
+        default=25.0,
+        help="warn when the processors were more than this percent busy before the run (default 25)",
+    )
     for name in DEFAULTS:
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=None)
     args = parser.parse_args(argv)
@@ -89,6 +108,13 @@ async def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     results: dict[str, Any] = {"meta": _meta(args, stamp, logs)}
     wanted = set(args.sections)
 
+    busy = await busy_percent(BUSY_SAMPLE_S)
+    box = {"cpu_busy_pct": busy, "sample_s": BUSY_SAMPLE_S, "threshold_pct": args.busy_threshold}
+    results["meta"]["box_before"] = box | {"busy": busy > args.busy_threshold}
+    progress.say("setup", f"commit {results['meta']['commit'][:7]}; {_box_line(results['meta'])}")
+    if warning := _busy_warning(results["meta"]):
+        progress.say("setup", warning)
+
     progress.say("setup", f"stack {args.stack} (port base {args.port_base})")
     stack = await asyncio.to_thread(start_services, args.stack, args.port_base)
     settings = stack.settings
@@ -102,13 +128,15 @@ async def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     simulated = [
         int(args.rt_devices) if "roundtrip" in wanted else 0,
         int(args.connections) if "connections" in wanted else 0,
+        # The victims and the flooding device.
+        int(args.fair_victims) + 1 if "fairness" in wanted else 0,
     ]
     enrolled = max(simulated) + 1
     progress.say("setup", f"enrolling {enrolled} devices (rows, certificates, broker users)")
     devices = await fleet.enrol(settings, stack.dsn, FLEET_PREFIX, enrolled, stack.run_dir / "bench-devices")
     probe = devices.ids()[-1]
 
-    if "raw" in wanted or "intake" in wanted:
+    if "raw" in wanted or "intake" in wanted or "processes" in wanted:
         progress.say("raw", f"postgres INSERT+COMMIT, {int(args.concurrency)} connections")
         db = await raw.database_ceiling(stack.dsn, int(args.concurrency), args.raw_seconds, progress)
         progress.say("raw", "rabbitmq publish with confirms to amq.topic, 64 in flight")
@@ -120,6 +148,20 @@ async def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
         ceiling = await raw.roundtrip_ceiling(settings, devices, int(args.raw_devices), args.raw_seconds, progress)
         results.setdefault("raw", {})["roundtrip"] = ceiling
 
+    if "processes" in wanted:
+        progress.say("processes", f"step transitions, {int(args.process_workers)} workers")
+        results["processes"] = await processes.run(
+            settings,
+            stack.dsn,
+            concurrency=int(args.process_workers),
+            duration_s=args.process_seconds,
+            loaded=int(args.process_instances),
+            progress=progress,
+        )
+        ceiling = results["raw"]["postgres_insert_commit"]["per_s"]
+        results["processes"]["ratio_to_db_ceiling"] = round(results["processes"]["empty"]["per_s"] / ceiling, 3)
+    if set(wanted) <= {"raw", "processes"}:
+        return _finish(results, args)
     if "intake" in wanted:
         await intake.prepare(settings, stack.dsn, int(args.intake_devices))
     progress.say("setup", f"starting the app: uvicorn, {args.workers} workers")
@@ -192,6 +234,20 @@ async def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
                 log_file=logs["simulator"],
                 progress=progress,
             )
+        if "fairness" in wanted:
+            results["fairness"] = await fairness.run(
+                settings,
+                stack.dsn,
+                devices,
+                app_port=stack.app_port,
+                victims=int(args.fair_victims),
+                rate=args.fair_rate,
+                duration_s=args.fair_seconds,
+                flood_method=args.flood_method,
+                headers=_headers(args),
+                log_file=logs["simulator"],
+                progress=progress,
+            )
         if "scale" in wanted:
             progress.say("scale", f"bulk load: {int(args.scale_devices)} devices x {scale.TASKS_PER_DEVICE} tasks")
             loaded = await scale.load(stack.dsn, int(args.scale_devices), probe, progress)
@@ -203,6 +259,10 @@ async def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
             loaded["plans_empty"] = empty_plans
             loaded["plans"] = await _plans(stack, probe)
             results["scale"] = loaded
+    return _finish(results, args)
+
+
+def _finish(results: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     results["meta"]["loadavg_end"] = os.getloadavg()
     results["targets"] = _targets(results, args)
     return results
@@ -248,7 +308,7 @@ async def _forget_raw_rows(stack: Stack) -> None:
 
 
 def _meta(args: argparse.Namespace, stamp: str, logs: dict[str, Path]) -> dict[str, Any]:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
+    commit = measured_commit()
     cpu = next(
         (
             line.split(":", 1)[1].strip()
@@ -261,7 +321,8 @@ def _meta(args: argparse.Namespace, stamp: str, logs: dict[str, Path]) -> dict[s
         "started_at": stamp,
         "mode": "short" if args.short else "full",
         "command": " ".join(["python -m bench", *sys.argv[1:]]),
-        "commit": commit.strip(),
+        "commit": commit.sha,
+        "commit_dirty": commit.dirty,
         "machine": {"cpus": os.cpu_count(), "cpu": cpu, "python": platform.python_version()},
         "loadavg_start": os.getloadavg(),
         "parameters": {name: getattr(args, name) for name in DEFAULTS} | {"workers": args.workers},
@@ -301,6 +362,13 @@ def _targets(results: dict[str, Any], args: argparse.Namespace) -> list[dict[str
         at_size = sc["tasks"] >= 1_000_000
         change = sc["p50_change_pct"]
         check("tasks/next p50 within 20% at 1M stored tasks", change, abs(change) <= 20 if at_size else None)
+    if "processes" in results:
+        pr = results["processes"]
+        rate = pr["empty"]["per_s"]
+        check("process step transitions >= 2,000/s", rate, rate >= 2000)
+        change = pr["loaded_change_pct"]
+        at_size = pr["loaded_instances"] >= 1_000_000
+        check("transitions no slower with 1M stored instances", change, change >= -20 if at_size else None)
     if "connections" in results:
         cn = results["connections"]
         stayed = cn["stayed_connected"]
@@ -311,10 +379,43 @@ def _targets(results: dict[str, Any], args: argparse.Namespace) -> list[dict[str
             stayed,
             stayed >= 10_000 and answered if args.connections >= 10_000 else None,
         )
+    if "fairness" in results:
+        fair = results["fairness"]
+        ratio = fair["p99_ratio"]
+        lost = fair["flooded"]["not_final_after_wait"] + fair["flooded"]["post_errors"]
+        check(
+            "other devices' p99 within 2x while one device floods",
+            ratio,
+            ratio is not None and ratio <= 2.0 and not lost,
+        )
     return targets
 
 
+def _box_line(meta: dict[str, Any]) -> str:
+    box = meta["box_before"]
+    return (
+        f"processors {box['cpu_busy_pct']}% busy over the {box['sample_s']:g} s before the run "
+        f"(load average {meta['loadavg_start'][0]:.2f})"
+    )
+
+
+def _busy_warning(meta: dict[str, Any]) -> str | None:
+    box = meta["box_before"]
+    if not box["busy"]:
+        return None
+    return (
+        f"WARNING: the box was busy before the run ({box['cpu_busy_pct']}% > {box['threshold_pct']:g}%): "
+        "these figures measure the neighbours too"
+    )
+
+
 def print_table(results: dict[str, Any]) -> None:
+    meta = results["meta"]
+    dirty = " (uncommitted changes)" if meta["commit_dirty"] else ""
+    print(f"\n  commit {meta['commit'][:7]}{dirty}: {meta['command']}")
+    print(f"  {_box_line(meta)}")
+    if warning := _busy_warning(meta):
+        print(f"  {warning}")
     rows: list[tuple[str, str]] = []
     if "postgres_insert_commit" in results.get("raw", {}):
         db, amqp = results["raw"]["postgres_insert_commit"], results["raw"]["amqp_publish_confirmed"]
@@ -355,6 +456,16 @@ def print_table(results: dict[str, Any]) -> None:
                 "intake: batch",
                 f"{batch['persisted_per_s']:,.0f} tasks/s persisted, "
                 f"{batch['noticed_per_s']:,.0f} noticed (batches of {batch['batch_size']})",
+            )
+        )
+    if "processes" in results:
+        pr = results["processes"]
+        rows.append(
+            (
+                "processes: step transitions",
+                f"{pr['empty']['per_s']:,.0f}/s empty ({pr['ratio_to_db_ceiling']:.0%} of the db ceiling), "
+                f"{pr['loaded']['per_s']:,.0f}/s with {pr['loaded_instances']:,} stored instances "
+                f"({pr['loaded_change_pct']:+}%); {pr['concurrency']} workers",
             )
         )
     if "roundtrip" in results:
@@ -421,6 +532,25 @@ def print_table(results: dict[str, Any]) -> None:
                 f"simulator {cn['simulator_bytes_per_device'] / 1024:.0f} KiB",
             )
         )
+    if "fairness" in results:
+        fair = results["fairness"]
+        alone, flooded = fair["alone"]["latency_ms"], fair["flooded"]["latency_ms"]
+        rows.append(
+            (
+                "fairness: load",
+                f"{fair['offered_per_s']:g} tasks/s over {fair['victims']} devices; {fair['flooder']} floods "
+                f"{fair['flood_method']} ({fair['flood_sent']:,} sent, {fair['flood_per_s']:,.0f}/s; "
+                f"limited: {fair['flooder_limited']})",
+            )
+        )
+        rows.append(("fairness: p50/p99 alone", f"{alone['p50']} / {alone['p99']} ms"))
+        rows.append(
+            (
+                "fairness: p50/p99 flooded",
+                f"{flooded['p50']} / {flooded['p99']} ms (p99 x{fair['p99_ratio']}; "
+                f"{fair['flooded']['not_final_after_wait']} not final)",
+            )
+        )
     width = max(len(name) for name, _ in rows) if rows else 0
     print()
     for name, value in rows:
@@ -431,13 +561,23 @@ def print_table(results: dict[str, Any]) -> None:
         print(f"  {verdict:<22} {target['target']} (measured: {target['measured']})")
 
 
+async def _stoppable(work: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+    """`work`, cancelled on SIGINT or SIGTERM so that the app and the simulators it started (in
+    sessions of their own) are stopped on the way out; under uvloop a plain SIGINT went unheard."""
+    task = asyncio.ensure_future(work)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, task.cancel)
+    return await task
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     progress = Progress()
     started = time.monotonic()
     # uvloop: the load generator must cost as little CPU as it can on a box it shares with the app.
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        results = runner.run(run(args, progress))
+        results = runner.run(_stoppable(run(args, progress)))
     results["meta"]["wall_s"] = round(time.monotonic() - started, 1)
     output = args.output or RESULTS_DIR / f"{results['meta']['started_at']}-{results['meta']['mode']}.json"
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -211,6 +211,45 @@ def cpu_seconds(pids: list[int], *, with_children: bool = False) -> float:
     return total / _CLOCK_TICKS
 
 
+@dataclass(frozen=True)
+class Commit:
+    """The code a run measured: ROOT's HEAD, and whether its tracked files differ from it."""
+
+    sha: str
+    dirty: bool
+
+
+def measured_commit() -> Commit:
+    """The commit of the tree the harness starts the app from (`unknown` outside a git checkout)."""
+
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT)
+
+    head = git("rev-parse", "HEAD")
+    if head.returncode != 0:
+        return Commit("unknown", dirty=True)
+    changed = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    return Commit(head.stdout.strip(), dirty=bool(changed))
+
+
+def _cpu_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of all processors since boot, from the first line of /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle and iowait
+    # guest and guest_nice are already counted in user and nice.
+    total = sum(fields[:8])
+    return total - idle, total
+
+
+async def busy_percent(sample_s: float) -> float:
+    """How busy the whole machine's processors were over the next `sample_s` seconds, in percent."""
+    busy_before, total_before = _cpu_ticks()
+    await asyncio.sleep(sample_s)
+    busy_after, total_after = _cpu_ticks()
+    elapsed = total_after - total_before
+    return round(100 * (busy_after - busy_before) / elapsed, 1) if elapsed else 0.0
+
+
 def python_command(*module_and_args: str) -> list[str]:
     return [sys.executable, "-m", *module_and_args]
 

@@ -20,7 +20,7 @@ from faststream.rabbit import RabbitQueue
 
 from app import pki
 from app.broker import create_broker
-from app.devices.broker_admin import device_permissions, device_topic_permissions
+from app.devices.broker_admin import device_permissions, device_topic_permissions, device_user_limits
 from app.settings import Settings
 
 
@@ -63,12 +63,19 @@ def write_credentials(settings: Settings, device_ids: list[str], cert_dir: Path)
 
 
 async def provision_broker_users(settings: Settings, device_ids: list[str]) -> None:
-    """Import the devices' broker users with one definitions upload (idempotent, like the PUTs)."""
+    """Import the devices' broker users with one definitions upload (idempotent, like the PUTs; the
+    limits too, so that a device blocked in an earlier run may connect again)."""
     broker = settings.broker
     vhost = broker.devices_vhost
     definitions = {
         "users": [
-            {"name": d, "password_hash": "", "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": ""}
+            {
+                "name": d,
+                "password_hash": "",
+                "hashing_algorithm": "rabbit_password_hashing_sha256",
+                "tags": "",
+                "limits": device_user_limits(broker.device_max_connections),
+            }
             for d in device_ids
         ],
         "permissions": [{"user": d, "vhost": vhost, **device_permissions(d)} for d in device_ids],

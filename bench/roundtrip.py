@@ -74,24 +74,15 @@ async def run(
         await wait_ready(simulator, devices, devices / 100 + 60, "roundtrip", progress)
         progress.say("roundtrip", f"{devices} devices ready; offering {rate:g} tasks/s for {duration_s:g} s")
         meter, started = CpuMeter(stack, app_pids, simulator.pids), time.monotonic()
-        sent_at, errors = await _offer(app_port, fleet.ids(devices), rate, duration_s, headers, progress)
-        finished = await _finished(dsn, list(sent_at), progress)
-        cpu = cpu_report(meter.used(), len(finished), time.monotonic() - started)
+        figures = await round_trips(dsn, app_port, fleet.ids(devices), rate, duration_s, headers, progress)
+        cpu = cpu_report(meter.used(), figures["completed"], time.monotonic() - started)
     left = await settle(settings, dsn)
-    latencies = [finished[task_id] - sent for task_id, sent in sent_at.items() if task_id in finished]
     return {
         "devices": devices,
         "ask_next": ask_next,
         "offered_per_s": rate,
         "duration_s": duration_s,
-        "posted": len(sent_at),
-        "post_errors": errors,
-        "completed": len(latencies),
-        "not_final_after_wait": len(sent_at) - len(latencies),
-        # Over the time the work took (first POST to last final), not the offered window: an
-        # overloaded round trip finishes its tasks long after the last POST.
-        "achieved_per_s": round(len(latencies) / _span(sent_at, finished), 1),
-        "latency_ms": percentiles_ms(latencies),
+        **figures,
         "cpu": cpu,
         "left_for_next_section": left,
     }
@@ -124,7 +115,26 @@ async def settle(settings: Settings, dsn: str) -> dict[str, int]:
     return {"tasks_canceled": canceled, "messages_purged": await purge_queues(settings)}
 
 
-async def _offer(
+async def round_trips(
+    dsn: str, app_port: int, ids: list[str], rate: float, duration_s: float, headers: dict[str, str], progress: Progress
+) -> dict[str, Any]:
+    """Tasks offered to `ids` at `rate` for `duration_s`, and their latencies once final."""
+    sent_at, errors = await offer(app_port, ids, rate, duration_s, headers, progress)
+    finished = await finished_at(dsn, list(sent_at), progress)
+    latencies = [finished[task_id] - sent for task_id, sent in sent_at.items() if task_id in finished]
+    return {
+        "posted": len(sent_at),
+        "post_errors": errors,
+        "completed": len(latencies),
+        "not_final_after_wait": len(sent_at) - len(latencies),
+        # Over the time the work took (first POST to last final), not the offered window: an
+        # overloaded round trip finishes its tasks long after the last POST.
+        "achieved_per_s": round(len(latencies) / _span(sent_at, finished), 1),
+        "latency_ms": percentiles_ms(latencies),
+    }
+
+
+async def offer(
     app_port: int, ids: list[str], rate: float, duration_s: float, headers: dict[str, str], progress: Progress
 ) -> tuple[dict[uuid.UUID, float], int]:
     idle: list[HttpConnection] = []
@@ -174,7 +184,7 @@ async def _offer(
     return sent_at, errors
 
 
-async def _finished(dsn: str, task_ids: list[uuid.UUID], progress: Progress) -> dict[uuid.UUID, float]:
+async def finished_at(dsn: str, task_ids: list[uuid.UUID], progress: Progress) -> dict[uuid.UUID, float]:
     """finished_at (epoch seconds) of the tasks that became final, waiting up to FINAL_WAIT_S for the rest."""
     conn = await asyncpg.connect(dsn)
     try:

@@ -11,6 +11,7 @@ of final tasks too.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -21,6 +22,7 @@ from bench.fleet import Fleet
 from bench.progress import Progress, percentiles_ms
 from swarm_device.client import DeviceClient
 from swarm_device.protocol import METHOD_TASKS_NEXT
+from swarm_device.rpc import REQUESTS_PER_S
 
 PREFIX = "bs-"
 TASKS_PER_DEVICE = 10
@@ -111,6 +113,8 @@ async def pull_latency(settings: Settings, fleet: Fleet, device_id: str, calls: 
     async with client:
         await client.ready.wait()
         for _ in range(calls + WARM_UP_CALLS):
+            # The SDK's own pace (decision 46): never a wait inside the timed call.
+            await asyncio.sleep(1 / REQUESTS_PER_S)
             started = time.perf_counter()
             await client.call(METHOD_TASKS_NEXT)
             samples.append(time.perf_counter() - started)

@@ -15,6 +15,7 @@ from bench.env import ROOT, python_command
 from bench.fleet import Fleet
 
 _STATUS = re.compile(rb"connected (\d+) ready (\d+).* failures (\d+)")
+_FLOODED = re.compile(rb"flooded (\d+)")
 
 
 class Simulator:
@@ -24,6 +25,7 @@ class Simulator:
     def __init__(self, processes: list[asyncio.subprocess.Process]) -> None:
         self.processes = processes
         self._counts = [(0, 0, 0)] * len(processes)
+        self._flooded = [0] * len(processes)
         self._readers = [asyncio.create_task(self._read(i)) for i in range(len(processes))]
 
     @property
@@ -43,6 +45,11 @@ class Simulator:
         """Connection attempts that did not get as far as subscribing (refused, timed out)."""
         return sum(counts[2] for counts in self._counts)
 
+    @property
+    def flooded(self) -> int:
+        """Requests sent by flooding devices (`--flood`) so far."""
+        return sum(self._flooded)
+
     def check_running(self) -> None:
         if any(process.returncode is not None for process in self.processes):
             raise RuntimeError("a simulator process exited")
@@ -53,6 +60,8 @@ class Simulator:
         async for line in stdout:
             if match := _STATUS.search(line):
                 self._counts[index] = (int(match[1]), int(match[2]), int(match[3]))
+            if match := _FLOODED.search(line):
+                self._flooded[index] = int(match[1])
 
     async def stop(self) -> None:
         await asyncio.gather(*(_stop(process) for process in self.processes))
@@ -81,32 +90,36 @@ async def simulating(
     *,
     processes: int = 1,
     no_hello: bool = False,
+    first: int = 1,
+    flood: str | None = None,
     ask_next: bool = True,
 ) -> AsyncIterator[Simulator]:
-    """Devices `<prefix>1..<prefix><count>` of the fleet running `echo` tasks until the block ends,
-    split over `processes` simulator processes that share the connect rate; `no_hello`: devices
-    that only connect (ready once subscribed); `ask_next=False`: devices that report results as
-    older SDKs did."""
+    """Devices `<prefix><first>..` (`count` of them) of the fleet running `echo` tasks until the
+    block ends, split over `processes` simulator processes that share the connect rate;
+    `no_hello`: devices that only connect (ready once subscribed); `flood`: misbehaving devices
+    that send this method's requests as fast as they can; `ask_next=False`: devices that report
+    results as older SDKs did."""
     processes = max(1, min(processes, count))
     started: list[asyncio.subprocess.Process] = []
     try:
         with log_file.open("ab") as log:
             for index in range(processes):
-                first = 1 + count * index // processes
-                last = count * (index + 1) // processes
+                start = first + count * index // processes
+                last = first - 1 + count * (index + 1) // processes
                 args = python_command(
                     "swarm_device.simulator",
                     f"--host={settings.broker.mqtt_host}",
                     f"--port={settings.broker.mqtt_port}",
                     f"--ca={settings.pki.ca_cert_file}",
                     f"--cert-dir={fleet.cert_dir}",
-                    f"--start={first}",
-                    f"--count={last - first + 1}",
+                    f"--start={start}",
+                    f"--count={last - start + 1}",
                     f"--prefix={fleet.prefix}",
                     f"--connect-rate={connect_rate / processes}",
                     "--status-interval=1",
                     *(["--no-hello"] if no_hello else []),
                     *([] if ask_next else ["--no-ask-next"]),
+                    *([f"--flood={flood}"] if flood else []),
                 )
                 started.append(
                     await asyncio.create_subprocess_exec(

@@ -2,7 +2,9 @@
 //
 // verify: the handler of the auth_request subrequest. A request passes with a bearer JWT that is
 // ES256-signed by the stack's key and current (exp, nbf) for our audience and issuer; scopes are
-// the app's business (it checks the token again, with scopes). The key is the base64 DER
+// the app's business (it checks the token again, with scopes). The token is the Authorization
+// header's, else the operator console's session cookie's (swarm_session, app/auth.py); the app
+// checks a cookie-borne request's CSRF token. The key is the base64 DER
 // (SubjectPublicKeyInfo) in $jwt_public_key, the same key file the app reads.
 //
 // problem: renders nginx's own errors (401, 404, 413, 429, 5xx) as RFC 9457 problem+json, like
@@ -20,6 +22,16 @@ const PROBLEMS = {
 };
 
 const BEARER = /^Bearer ([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)$/;
+const JWT = /^([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)$/;
+
+// [whole, header, claims, signature] of the request's token, or null.
+function tokenParts(r) {
+    const header = r.headersIn.Authorization;
+    if (header !== undefined) {
+        return BEARER.exec(header);
+    }
+    return JWT.exec(r.variables.cookie_swarm_session || '');
+}
 
 function decodeJson(segment) {
     return JSON.parse(Buffer.from(segment, 'base64url').toString());
@@ -49,9 +61,9 @@ function claimsProblem(claims, r) {
 }
 
 async function verify(r) {
-    const parts = BEARER.exec(r.headersIn.Authorization || '');
+    const parts = tokenParts(r);
     if (!parts) {
-        return deny(r, 'no bearer token');
+        return deny(r, 'no bearer token or session cookie');
     }
     let header;
     let claims;

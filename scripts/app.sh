@@ -114,6 +114,8 @@ cmd_info() {
     cat <<EOF
 
 Swarm Core ($STACK) is up, behind nginx at $url (TLS with the stack's CA, bearer JWT).
+  console:   $url/console   (sign in with a token from the command below; the stack's CA is
+             $APP_PKI__CA_CERT_FILE: trust it or accept the browser's warning)
   API docs:  $url/docs   (the app itself: http://127.0.0.1:$SWARM_APP_PORT)
   log:       $LOGFILE        settings: $APP_ENV
 

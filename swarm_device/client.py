@@ -192,6 +192,8 @@ class DeviceClient:
         self._mqtt: aiomqtt.Client | None = None
         self._desired: dict[str, Any] | None = None
         self._desired_changed = asyncio.Event()
+        # Whether the config topic delivered anything on the current connection (see _greet).
+        self._config_heard = False
         self._applied_desired: dict[str, Any] | None = None
         self._reported_desired: dict[str, Any] | None = None
         self._main: asyncio.Task[None] | None = None
@@ -339,6 +341,7 @@ class DeviceClient:
     async def _session(self) -> None:
         async with self._connect() as client:
             self.stats.connects += 1
+            self._config_heard = False
             await self._subscribe(client)
             self._mqtt = client
             self.connected.set()
@@ -448,6 +451,7 @@ class DeviceClient:
             self._tasks.cancel(notice.task_id)
 
     def _on_desired_config(self, payload: bytes) -> None:
+        self._config_heard = True
         if not payload:
             # An empty retained message only clears the retained config; nothing to apply.
             return
@@ -491,8 +495,19 @@ class DeviceClient:
                 self.device = Device.model_validate(answer)
             except ValidationError as exc:
                 logger.warning("%s: unexpected hello answer: %s", self.device_id, exc)
+            else:
+                self._desired_from_hello(self.device.desired_config)
         self.ready.set()
         self._tasks.request_pull()
+
+    def _desired_from_hello(self, desired: dict[str, Any] | None) -> None:
+        # The hello answer carries the desired configuration, so a device gets it even when no
+        # retained message reaches it. A message on the config topic during this connection is
+        # at least as new (it is published after the commit the answer read), so it wins.
+        if desired is None or self._config_heard:
+            return
+        self._desired = desired
+        self._desired_changed.set()
 
     async def _config_loop(self) -> None:
         while True:

@@ -7,6 +7,7 @@ Both sides import this module (the core and the device SDK); it imports neither.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
@@ -93,6 +94,21 @@ class ErrorCode(StrEnum):
     NOT_FOUND = "not_found"
     CONFLICT = "conflict"
     INTERNAL = "internal"
+    # The device sent more requests than its limit allows: wait `retry_after_s`, then send again.
+    RATE_LIMITED = "rate_limited"
+
+
+# What each error code tells the device to do (the AsyncAPI document lists them).
+ERROR_MEANINGS: dict[ErrorCode, str] = {
+    ErrorCode.INVALID: "The request is malformed (not JSON, no usable id, params failing validation): "
+    "fix it, do not resend it unchanged.",
+    ErrorCode.NOT_FOUND: "The task does not exist or is not this device's (also a task id that is not a UUID).",
+    ErrorCode.CONFLICT: "The task's state does not allow it: progress or a result for a task that is "
+    "not in progress (canceled, timed out, already finished with another report). Drop the task.",
+    ErrorCode.INTERNAL: "The core failed to handle it (e.g. its database is down): resend later with the same id.",
+    ErrorCode.RATE_LIMITED: "The device sent more requests than its limit allows: wait `retry_after_s` seconds, "
+    "then resend with the same id.",
+}
 
 
 class WireModel(BaseModel):
@@ -116,6 +132,8 @@ class Request(WireModel):
 class RpcError(WireModel):
     code: ErrorCode
     message: str
+    # Only with `rate_limited`: how long to wait before sending again.
+    retry_after_s: float | None = None
 
 
 class Reply(WireModel):
@@ -129,17 +147,34 @@ class Reply(WireModel):
     error: RpcError | None = None
 
 
-class HelloParams(WireModel):
+class Params(WireModel):
+    """The params of a device request: a field the method does not define is refused (`invalid`,
+    naming it), not dropped, so that a misplaced field is not acknowledged as if it were stored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class NoParams(Params):
+    """Params of a method that takes none (`tasks/next`): `{}`."""
+
+
+class Acknowledged(WireModel):
+    """The result of a method that returns nothing else (`state`)."""
+
+    ok: bool = True
+
+
+class HelloParams(Params):
     firmware: str = Field(default="", max_length=128)
     model: str = Field(default="", max_length=128)
     capabilities: list[str] = Field(default_factory=list, max_length=256)
 
 
-class ProgressParams(WireModel):
+class ProgressParams(Params):
     status_details: dict[str, Any] = Field(default_factory=dict)
 
 
-class ResultParams(WireModel):
+class ResultParams(Params):
     status: ReportedStatus
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
@@ -150,7 +185,7 @@ class ResultParams(WireModel):
     )
 
 
-class StateParams(WireModel):
+class StateParams(Params):
     reported: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -192,3 +227,53 @@ class Device(WireModel):
     capabilities: list[str] = Field(default_factory=list)
     online: bool = False
     last_seen_at: datetime | None = None
+    desired_config: dict[str, Any] | None = Field(
+        default=None,
+        description="The desired configuration (the same as retained on `dev/{id}/down/config`), null if none.",
+    )
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method a device calls on `dev/{id}/up/rpc/{name}`; `{task_id}` in a name is the task's id."""
+
+    name: str
+    params: type[Params]
+    result: Any  # the type of the reply's `result`
+    summary: str
+
+
+METHODS: tuple[Method, ...] = (
+    Method(
+        METHOD_HELLO,
+        HelloParams,
+        Device,
+        "Say who you are on every (re)connect: firmware, model, capabilities. Idempotent; resend with the "
+        "same request id until answered.",
+    ),
+    Method(
+        METHOD_TASKS_NEXT,
+        NoParams,
+        Task | None,
+        "Pull the current task: the one in progress if any (also after a reboot: resume it, do not run it "
+        "again), else the next queued one, which becomes in_progress; null when there is none. Call it on "
+        "every (re)connect, on every task_queued notice and after every result (unless that result's reply "
+        "carried `next_task`).",
+    ),
+    Method(
+        progress_method("{task_id}"),
+        ProgressParams,
+        Task,
+        "Progress of the task in progress; extends its deadline by its step timeout (timeout_s). Report "
+        "within every step timeout, or the task is handed out again or times out.",
+    ),
+    Method(
+        result_method("{task_id}"),
+        ResultParams,
+        FinishedTask,
+        "The final report: succeeded, failed or rejected. A repeated identical report is answered again; "
+        "another report of a finished task is a conflict. With `next: true` the reply also carries "
+        "`next_task`, what tasks/next would answer now, so the device need not call it.",
+    ),
+    Method(METHOD_STATE, StateParams, Acknowledged, "The device's reported configuration/state; stored."),
+)

@@ -26,10 +26,11 @@ PublishFn = Callable[[str, str, bytes], Awaitable[None]]
 class RpcCallError(Exception):
     """The core answered the request with an error reply."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s
 
 
 class RpcTimeoutError(TimeoutError):
@@ -71,6 +72,40 @@ def parse_reply(payload: bytes) -> Reply:
 UNTIL_ANSWERED_PATIENCE = 3.0
 
 
+#: The pace the SDK keeps by itself, below the core's per-device limit (50/s, burst 100 by
+#: default, decision 46), so that a device in normal operation is never refused.
+REQUESTS_PER_S = 40.0
+REQUESTS_BURST = 80.0
+#: Wait after a `rate_limited` reply that names no `retry_after_s`.
+RATE_LIMITED_WAIT_S = 1.0
+
+
+class Pacer:
+    """A token bucket the sender waits on: `rate` sends a second after a burst of `burst`."""
+
+    def __init__(self, rate: float = REQUESTS_PER_S, burst: float = REQUESTS_BURST) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError(f"need rate > 0 and burst >= 1, got {rate}, {burst}")
+        self.rate = rate
+        self.burst = burst
+        self._tokens = burst
+        self._at: float | None = None
+
+    def delay(self, now: float) -> float:
+        """Take a token; how long to wait before sending (0: now). Tokens may go negative: the
+        waits of senders that arrive together are queued one after the other."""
+        if self._at is not None:
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        self._tokens -= 1.0
+        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
+
+    async def wait(self) -> None:
+        delay = self.delay(asyncio.get_running_loop().time())
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
 def attempt_timeout(timeout: float, max_timeout: float, attempt: int) -> float:
     """How long attempt number `attempt` (1-based) waits: doubling from `timeout` up to `max_timeout`.
 
@@ -94,18 +129,21 @@ class RpcChannel:
         timeout: float = 10.0,
         max_timeout: float = 60.0,
         attempts: int = 3,
+        pacer: Pacer | None = None,
     ) -> None:
         if timeout <= 0 or max_timeout < timeout:
             raise ValueError(f"need 0 < timeout <= max_timeout, got {timeout}, {max_timeout}")
         if attempts < 1:
             raise ValueError(f"attempts must be >= 1, got {attempts}")
         self._publish = publish
+        self._pacer = pacer or Pacer()
         self.timeout = timeout
         self.max_timeout = max_timeout
         self.attempts = attempts
         self._pending: dict[str, asyncio.Future[Any]] = {}
         self.timeouts = 0
         self.unmatched_replies = 0
+        self.rate_limited = 0
 
     @property
     def pending(self) -> int:
@@ -126,8 +164,10 @@ class RpcChannel:
         `reply_timeout` is the wait of the first attempt (later ones double it, up to `max_timeout`);
         `attempts` bounds the sends (same request id each time) unless `until_answered`, which
         retries forever and waits `UNTIL_ANSWERED_PATIENCE` times as long. Raises `RpcCallError`
-        for an error reply, `RpcTimeoutError` when the attempts are used up. Waiting for a
-        connection does not count against the timeout.
+        for an error reply, `RpcTimeoutError` when the attempts are used up. Sends keep the pace
+        of the channel's `Pacer`; a `rate_limited` reply is waited out (its `retry_after_s`) and
+        the request sent again, which uses up no attempt. Waiting for a connection or for the
+        pace does not count against the timeout.
         """
         first_timeout = self.timeout if reply_timeout is None else reply_timeout
         max_timeout = max(first_timeout, self.max_timeout)
@@ -143,6 +183,7 @@ class RpcChannel:
             attempt = 0
             while True:
                 attempt += 1
+                await self._pacer.wait()
                 await self._publish(method, request_id, payload)
                 wait = attempt_timeout(first_timeout, max_timeout, attempt)
                 try:
@@ -150,6 +191,16 @@ class RpcChannel:
                     # arrives together with the reply, and a stopping device then hangs.
                     async with asyncio.timeout(wait):
                         return await asyncio.shield(future)
+                except RpcCallError as exc:
+                    if exc.code != ErrorCode.RATE_LIMITED:
+                        raise
+                    self.rate_limited += 1
+                    attempt -= 1
+                    future = asyncio.get_running_loop().create_future()
+                    self._pending[request_id] = future
+                    pause = exc.retry_after_s or RATE_LIMITED_WAIT_S
+                    logger.info("%s (request %s) rate limited; sending it again in %.2f s", method, request_id, pause)
+                    await asyncio.sleep(pause)
                 except TimeoutError:
                     self.timeouts += 1
                     if not until_answered and attempt >= max_attempts:
@@ -189,7 +240,7 @@ class RpcChannel:
             self.unmatched_replies += 1
             return False
         if reply.error is not None:
-            future.set_exception(RpcCallError(reply.error.code, reply.error.message))
+            future.set_exception(RpcCallError(reply.error.code, reply.error.message, reply.error.retry_after_s))
         else:
             future.set_result(reply.result)
         return True

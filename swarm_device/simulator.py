@@ -25,12 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from swarm_device.client import DeviceClient, ProtocolPreference
-from swarm_device.protocol import DEVICE_ID_RE
-from swarm_device.rpc import RpcCallError, RpcTimeoutError
+from swarm_device.protocol import DEVICE_ID_RE, request_topic
+from swarm_device.rpc import RpcCallError, RpcTimeoutError, encode_request, new_request_id
 from swarm_device.stats import DeviceStats
 from swarm_device.tasks import TaskContext, TaskHandler, TaskRejected
 
 logger = logging.getLogger("swarm_device.simulator")
+
+# Publishes of a flooding device awaited together: enough to keep its socket's buffer full.
+FLOOD_WINDOW = 64
 
 
 class SimulatedFailure(Exception):
@@ -104,6 +107,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--no-hello",
         action="store_true",
         help="connect and subscribe only: no hello, no tasks/next (the broker's cost of connections alone)",
+    )
+    parser.add_argument(
+        "--flood",
+        default=None,
+        metavar="METHOD",
+        help="play a misbehaving device: after hello, send METHOD requests (e.g. tasks/next) as fast as the "
+        "connection takes them, QoS 0, never waiting for a reply",
     )
     parser.add_argument(
         "--no-verify-hostname",
@@ -216,7 +226,7 @@ def status_line(clients: Sequence[DeviceClient], planned: int, elapsed: float) -
         f"ready {ready} | tasks done {totals.tasks_done} succeeded {totals.tasks_succeeded} "
         f"failed {totals.tasks_failed} rejected {totals.tasks_rejected} "
         f"canceled {totals.tasks_canceled} | connects {totals.connects} "
-        f"failures {totals.connect_failures}"
+        f"failures {totals.connect_failures} | flooded {totals.requests_flooded}"
     )
 
 
@@ -225,6 +235,27 @@ class SilentDeviceClient(DeviceClient):
 
     async def _greet(self) -> None:
         self.ready.set()
+
+
+class FloodingDeviceClient(DeviceClient):
+    """A misbehaving device: after its hello it publishes requests to `flood_method` as fast as its
+    connection takes them (QoS 0, a new id each, FLOOD_WINDOW in flight), never waiting for replies."""
+
+    def __init__(self, *args: Any, flood_method: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._flood_method = flood_method
+
+    async def _greet(self) -> None:
+        await super()._greet()
+        client = self._mqtt
+        if client is None:
+            return
+        topic = request_topic(self.device_id, self._flood_method)
+        while True:
+            await asyncio.gather(
+                *(client.publish(topic, encode_request(new_request_id(), {}), qos=0) for _ in range(FLOOD_WINDOW))
+            )
+            self.stats.requests_flooded += FLOOD_WINDOW
 
 
 class Fleet:
@@ -240,7 +271,13 @@ class Fleet:
     def _make_client(self, device_id: str, protocol: ProtocolPreference) -> DeviceClient:
         cert_dir: Path = self.args.cert_dir
         handlers = build_handlers(self.args.work_ms / 1000, self.args.fail_rate, self._rng)
-        client = (SilentDeviceClient if self.args.no_hello else DeviceClient)(
+        extra: dict[str, Any] = {}
+        kind: type[DeviceClient] = DeviceClient
+        if self.args.no_hello:
+            kind = SilentDeviceClient
+        elif self.args.flood:
+            kind, extra = FloodingDeviceClient, {"flood_method": self.args.flood}
+        client = kind(
             device_id,
             self.args.host,
             self.args.port,
@@ -254,6 +291,7 @@ class Fleet:
             request_timeout=self.args.request_timeout,
             verify_hostname=not self.args.no_verify_hostname,
             ask_next=not self.args.no_ask_next,
+            **extra,
         )
         for method, handler in handlers.items():
             client.add_task_handler(method, handler)

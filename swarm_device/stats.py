@@ -21,6 +21,8 @@ class DeviceStats:
     reports_resent: int = 0
     configs_applied: int = 0
     malformed_messages: int = 0
+    # Requests a simulated misbehaving device sent without waiting for replies (`--flood`).
+    requests_flooded: int = 0
 
     @property
     def tasks_done(self) -> int:

@@ -227,15 +227,23 @@ class TaskWorker:
             self._outcomes.popitem(last=False)
         return await self._report(task, outcome)
 
+    async def _send_report(self, task: Task, outcome: ResultParams) -> Any:
+        params = outcome.model_copy(update={"next": self._ask_next}).model_dump(mode="json")
+        return await self._call(result_method(task.id), params, until_answered=True)
+
     async def _report(self, task: Task, outcome: ResultParams, *, count: bool = True) -> Any:
         """Report a result, asking for the next task: REFUSED if the core refused the report,
         else the next task the reply handed out (None: none), or ASK if it handed out nothing."""
         try:
-            answer = await self._call(
-                result_method(task.id),
-                outcome.model_copy(update={"next": self._ask_next}).model_dump(mode="json"),
-                until_answered=True,
-            )
+            try:
+                answer = await self._send_report(task, outcome)
+            except RpcCallError as exc:
+                if not (self._ask_next and exc.code == "invalid" and "next" in exc.message):
+                    raise
+                # A core from before `next` refuses the field it does not know: report as before.
+                logger.info("%s: the core does not hand out tasks with results; pulling instead", self._device_id)
+                self._ask_next = False
+                answer = await self._send_report(task, outcome)
         except RpcCallError as exc:
             self._stats.reports_refused += 1
             logger.warning("%s: result of task %s refused: %s", self._device_id, task.id, exc)

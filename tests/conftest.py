@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,7 +25,7 @@ from sqlalchemy.engine import make_url
 from starlette.types import ASGIApp
 
 from alembic import command
-from app.auth import Scope, mint_token
+from app.auth import ROLE_SCOPE_PREFIX, Scope, mint_token
 from app.db import Sessions, asyncpg_dsn, create_engine, create_sessionmaker
 from app.devices import service as devices
 from app.devices.broker_admin import BrokerAdmin
@@ -115,17 +116,36 @@ async def sessions(settings: Settings) -> AsyncIterator[Sessions]:
         await engine.dispose()
 
 
-# Periodic jobs every half second, so that deadlines, expiry and re-sent notices show within a test.
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+# Where the tests' in-process SMTP server listens (tests/e2e/test_processes.py).
+SMTP_PORT = _free_port()
+
+# Periodic jobs every half second, so that deadlines, expiry, re-sent notices and lifted blocks
+# show within a test (blocks last 3 s).
 FAST_JOBS: dict[str, Any] = {
-    "scheduler": {"deadlines_interval_s": 0.5, "expiry_interval_s": 0.5, "notices_interval_s": 0.5},
+    "scheduler": {
+        "deadlines_interval_s": 0.5,
+        "expiry_interval_s": 0.5,
+        "notices_interval_s": 0.5,
+        "processes_interval_s": 0.5,
+        "blocks_interval_s": 0.5,
+    },
     "tasks": {"notice_retry_after_s": 1.0},
+    "processes": {"smtp": {"port": SMTP_PORT}, "retry_after_s": 0.5, "retry_max_s": 2.0},
+    "device_limits": {"block_s": 3.0},
 }
 
 
 def bearer(settings: Settings, *scopes: Scope) -> dict[str, str]:
-    """An Authorization header with a token of the stack's key (default: every scope), e.g. for
+    """An Authorization header with a token of the stack's key (default: every scope and role), e.g. for
     an app started as a subprocess with the stack's app.env."""
-    return {"Authorization": f"Bearer {mint_token(settings.auth, 'tests', scopes or list(Scope), 3600)}"}
+    every = [*Scope, *(f"{ROLE_SCOPE_PREFIX}{role}" for role in settings.processes.roles)]
+    return {"Authorization": f"Bearer {mint_token(settings.auth, 'tests', scopes or every, 3600)}"}
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ session queues and to its own topics (`dev.{username}.up.*` / `dev.{username}.do
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from datetime import UTC, datetime
@@ -32,6 +33,11 @@ TOPIC_EXCHANGE = "amq.topic"
 TOPIC_WRITE = r"^dev\.{username}\.up\."
 TOPIC_READ = r"^dev\.{username}\.down\."
 REVOKE_REASON = "device revoked"
+BLOCK_REASON = "device over its limits"
+# Per-user limits (`PUT /api/user-limits/{user}/{name}`, RabbitMQ 3.10 and 4.x alike). Not
+# max-channels: on 3.10 a device's second MQTT connection failed to open its channel with
+# max-channels equal to max-connections (observed), and 4.x's native MQTT has no channels.
+USER_LIMITS = ("max-connections",)
 TIMEOUT_S = 10.0
 
 
@@ -73,10 +79,21 @@ class _TopicPermission(BaseModel):
     read: str
 
 
+class _UserLimits(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    value: dict[str, int]
+
+
 _connections = TypeAdapter(list[ConnectionInfo])
 _permission = TypeAdapter(_Permission)
 _permissions = TypeAdapter(list[_Permission])
 _topic_permissions = TypeAdapter(list[_TopicPermission])
+
+
+def _user_limits_of(response: httpx.Response) -> dict[str, int]:
+    listed = _parse(response, TypeAdapter(list[_UserLimits]))
+    return listed[0].value if listed else {}
 
 
 def device_permissions(device_id: str) -> dict[str, str]:
@@ -97,6 +114,11 @@ def device_topic_permissions() -> dict[str, str]:
     return {"exchange": TOPIC_EXCHANGE, "write": TOPIC_WRITE, "read": TOPIC_READ}
 
 
+def device_user_limits(connections: int) -> dict[str, int]:
+    """The user limits of a device allowed `connections` connections at once (0: none)."""
+    return dict.fromkeys(USER_LIMITS, connections)
+
+
 def _segment(value: str) -> str:
     return quote(value, safe="")
 
@@ -114,10 +136,18 @@ class BrokerAdmin:
     left out of `device_users()`.
     """
 
-    def __init__(self, client: httpx.AsyncClient, vhost: str, *, own_users: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        vhost: str,
+        *,
+        own_users: frozenset[str] = frozenset(),
+        max_connections: int = 2,
+    ) -> None:
         self._client = client
         self._vhost = vhost
         self._own_users = own_users
+        self._max_connections = max_connections
 
     @classmethod
     def from_settings(cls, settings: BrokerSettings) -> Self:
@@ -135,23 +165,53 @@ class BrokerAdmin:
             auth=httpx.BasicAuth(settings.management_user, settings.management_password.get_secret_value()),
             timeout=TIMEOUT_S,
         )
-        return cls(client, settings.devices_vhost, own_users=frozenset(own_users))
+        return cls(
+            client,
+            settings.devices_vhost,
+            own_users=frozenset(own_users),
+            max_connections=settings.device_max_connections,
+        )
 
     async def aclose(self) -> None:
         await self._client.aclose()
 
     async def provision_device(self, device_id: str) -> None:
-        """Create (or reset) the device's passwordless user, its topic and its vhost permissions."""
+        """Create (or reset) the device's passwordless user, its connection limits, its topic and its
+        vhost permissions."""
         user = _segment(_checked(device_id))
         vhost = _segment(self._vhost)
         # An empty password_hash: no password login at all, only the certificate (EXTERNAL).
         await self._call("PUT", f"/api/users/{user}", json={"password_hash": "", "tags": ""})
+        await self.limit_connections(device_id, self._max_connections)
         # Topic permissions before vhost permissions: a user without a topic-permission entry may
         # use every topic, and without vhost permissions it cannot connect yet. This order never
         # leaves a connectable, unconfined device in between.
         await self._call("PUT", f"/api/topic-permissions/{vhost}/{user}", json=device_topic_permissions())
         await self._call("PUT", f"/api/permissions/{vhost}/{user}", json=device_permissions(device_id))
         logger.info("broker user provisioned for device %s in vhost %s", device_id, self._vhost)
+
+    async def limit_connections(self, device_id: str, connections: int) -> None:
+        """The most connections the device's user may hold at once; 0 refuses every new one.
+
+        Two, normally: a device reconnecting after a network change takes its session over while
+        the broker still counts the old connection, which one would refuse until keepalive ends it.
+        """
+        user = _segment(_checked(device_id))
+        for name, value in device_user_limits(connections).items():
+            await self._call("PUT", f"/api/user-limits/{user}/{name}", json={"value": value})
+
+    async def block_device(self, device_id: str) -> None:
+        """Refuse the device's new connections and close its open ones (until `unblock_device`).
+
+        Both at once, to stop a flood soon: a device that reconnects in between is closed by the
+        second listing or refused by the limit (the SDK waits a second or more before reconnecting).
+        """
+        await asyncio.gather(
+            self.limit_connections(device_id, 0), self.close_device_connections(device_id, reason=BLOCK_REASON)
+        )
+
+    async def unblock_device(self, device_id: str) -> None:
+        await self.limit_connections(device_id, self._max_connections)
 
     async def deprovision_device(self, device_id: str) -> None:
         """Delete the device's user, and with it its permissions. Already gone is fine.
@@ -166,7 +226,7 @@ class BrokerAdmin:
         else:
             logger.info("broker user of device %s deleted", device_id)
 
-    async def close_device_connections(self, device_id: str) -> int:
+    async def close_device_connections(self, device_id: str, reason: str = REVOKE_REASON) -> int:
         """Close every open connection of the device's user; returns how many were open.
 
         Both calls read RabbitMQ's connection tracking, which knows a connection as soon as it is
@@ -174,13 +234,18 @@ class BrokerAdmin:
         which learn of a connection only seconds later (404 meanwhile, observed on 3.10): a device
         that had just reconnected would stay online.
         """
-        path = f"/api/connections/username/{_segment(_checked(device_id))}"
-        listed = _parse(await self._call("GET", path), _connections)
+        listed = await self.device_connection_count(device_id)
         # Even with none listed: a connection may have been accepted since.
-        await self._call("DELETE", path, headers={"X-Reason": REVOKE_REASON})
+        path = f"/api/connections/username/{_segment(_checked(device_id))}"
+        await self._call("DELETE", path, headers={"X-Reason": reason})
         if listed:
-            logger.info("closed %d broker connection(s) of device %s", len(listed), device_id)
-        return len(listed)
+            logger.info("closed %d broker connection(s) of device %s", listed, device_id)
+        return listed
+
+    async def device_connection_count(self, device_id: str) -> int:
+        """How many connections the device's user has open now (the broker's connection tracking)."""
+        path = f"/api/connections/username/{_segment(_checked(device_id))}"
+        return len(_parse(await self._call("GET", path), _connections))
 
     async def device_users(self) -> set[str]:
         """Users with permissions on the devices vhost, except the core's own: for reconciliation."""
@@ -211,6 +276,10 @@ class BrokerAdmin:
         vhost = _segment(self._vhost)
         if await self._call("GET", f"/api/users/{user}", missing_ok=True) is None:
             return False
+        # Any value: 0 while the device is blocked is provisioned too.
+        response = await self._call("GET", f"/api/user-limits/{user}", missing_ok=True)
+        if response is None or not set(USER_LIMITS) <= set(_user_limits_of(response)):
+            return False
         response = await self._call("GET", f"/api/permissions/{vhost}/{user}", missing_ok=True)
         if response is None:
             return False
@@ -229,7 +298,7 @@ class BrokerAdmin:
         method: str,
         path: str,
         *,
-        json: dict[str, str] | None = None,
+        json: dict[str, Any] | None = None,
         params: dict[str, str] | None = None,
         headers: dict[str, str] | None = None,
         missing_ok: Literal[False] = False,
@@ -241,7 +310,7 @@ class BrokerAdmin:
         method: str,
         path: str,
         *,
-        json: dict[str, str] | None = None,
+        json: dict[str, Any] | None = None,
         params: dict[str, str] | None = None,
         headers: dict[str, str] | None = None,
         missing_ok: Literal[True],
@@ -252,7 +321,7 @@ class BrokerAdmin:
         method: str,
         path: str,
         *,
-        json: dict[str, str] | None = None,
+        json: dict[str, Any] | None = None,
         params: dict[str, str] | None = None,
         headers: dict[str, str] | None = None,
         missing_ok: bool = False,

@@ -27,12 +27,15 @@ from app.devices import repository as repo
 from app.devices.models import Device
 from app.devices.schemas import DeviceConfigRead
 from app.devices.service import active_device
+from app.errors import FailedRows
 from app.settings import BrokerSettings
 from swarm_device.protocol import config_topic
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10.0
+# The periodic job's name in FailedRows.
+CONFIGS = "configs"
 
 
 class RetainedPublisher:
@@ -78,33 +81,49 @@ async def get_config(sessions: Sessions, device_id: str) -> DeviceConfigRead:
 
 
 async def set_desired(
-    sessions: Sessions, publisher: RetainedPublisher, device_id: str, desired: dict[str, Any]
+    sessions: Sessions, publisher: RetainedPublisher, failed: FailedRows, device_id: str, desired: dict[str, Any]
 ) -> DeviceConfigRead:
     """Store the desired configuration and commit; then publish it retained to the device."""
     async with sessions() as session:
         await active_device(session, device_id, lock=True)
         await repo.set_desired_config(session, device_id, desired)
         await session.commit()
-    await publish_due(sessions, publisher, [device_id])
+    await publish_due(sessions, publisher, failed, [device_id])
     return await get_config(sessions, device_id)
 
 
-async def publish_due(sessions: Sessions, publisher: RetainedPublisher, device_ids: Sequence[str] | None = None) -> int:
+async def publish_due(
+    sessions: Sessions,
+    publisher: RetainedPublisher,
+    failed: FailedRows,
+    device_ids: Sequence[str] | None = None,
+) -> int:
     """Publish the desired configuration of devices whose config is due (all due ones, or these).
 
     The rows stay locked while publishing, so that the last publish of a device is always its
-    latest committed configuration, whichever replica publishes. Returns how many were published.
+    latest committed configuration, whichever replica publishes. A configuration that cannot be
+    published (stored before it was validated) stays due, is logged once and left out (`failed`):
+    the others are published. Returns how many were published.
     """
     async with sessions() as session:
-        due = await repo.lock_config_due(session, device_ids)
-        if not due:
+        due = await repo.lock_config_due(session, device_ids, skip=failed.of(CONFIGS))
+        messages: list[tuple[str, bytes]] = []
+        published: list[str] = []
+        for device in due:
+            try:
+                messages.append((config_topic(device.id), orjson.dumps(device.desired_config)))
+            except TypeError as exc:
+                failed.add(CONFIGS, (device.id, device.desired_at), exc)
+            else:
+                published.append(device.id)
+        if not messages:
             return 0
         try:
-            await publisher.publish([(config_topic(d.id), orjson.dumps(d.desired_config)) for d in due])
+            await publisher.publish(messages)
         except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
             # Still due: the periodic job publishes it again.
-            log.warning("publishing the configuration of %d device(s) failed: %r", len(due), exc)
+            log.warning("publishing the configuration of %d device(s) failed: %r", len(messages), exc)
             return 0
-        await repo.clear_config_due(session, [d.id for d in due])
+        await repo.clear_config_due(session, published)
         await session.commit()
-    return len(due)
+    return len(published)

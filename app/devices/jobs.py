@@ -16,7 +16,9 @@ async def reconcile_broker(runtime: Runtime) -> None:
     repairs a broker that lost users or kept revoked ones, and presence events missed while no
     app was consuming them. Runs at start-up (in the background) and then now and then."""
     try:
-        provisioned, removed = await service.reconcile_broker_users(runtime.sessions, runtime.broker_admin)
+        provisioned, removed = await service.reconcile_broker_users(
+            runtime.sessions, runtime.broker_admin, runtime.failed_rows
+        )
         online = await service.reconcile_presence(runtime.sessions, runtime.broker_admin)
     except BrokerAdminError as exc:
         log.warning("broker reconciliation skipped: %s", exc)
@@ -25,4 +27,15 @@ async def reconcile_broker(runtime: Runtime) -> None:
 
 
 async def publish_configs(runtime: Runtime) -> None:
-    await config.publish_due(runtime.sessions, runtime.config_publisher)
+    await config.publish_due(runtime.sessions, runtime.config_publisher, runtime.failed_rows)
+
+
+async def lift_blocks(runtime: Runtime) -> None:
+    """Devices blocked for going over their limits may connect again once their block ran out."""
+    try:
+        lifted = await service.lift_blocks(runtime.sessions, runtime.broker_admin)
+    except BrokerAdminError as exc:
+        log.warning("lifting device blocks skipped: %s", exc)
+        return
+    if lifted:
+        log.info("%d device blocks lifted", lifted)

@@ -15,6 +15,7 @@ class Device(Timestamped, Base):
     # The periodic config publisher looks for due devices only.
     __table_args__ = (
         Index("ix_devices_config_due", "config_due_at", postgresql_where=text("config_due_at IS NOT NULL")),
+        Index("ix_devices_blocked_until", "blocked_until", postgresql_where=text("blocked_until IS NOT NULL")),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -31,6 +32,10 @@ class Device(Timestamped, Base):
     desired_at: Mapped[datetime | None]
     # Outbox: set until the desired config is published (retained) to the device's config topic.
     config_due_at: Mapped[datetime | None]
+    # When it last went over its limits (set once per report window), and until when the broker
+    # refuses its connections for it (decision 46).
+    last_limited_at: Mapped[datetime | None]
+    blocked_until: Mapped[datetime | None]
 
 
 class DeviceCertificate(Base):

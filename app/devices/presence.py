@@ -21,6 +21,7 @@ from faststream.rabbit import ExchangeType, QueueType, RabbitExchange, RabbitQue
 from faststream.rabbit.schemas import Channel
 
 from app.db import Sessions
+from app.device_limits import ConnectLimiter
 from app.device_rpc import RabbitMessage
 from app.devices import service
 from app.devices.repository import ConnectionEvent
@@ -65,8 +66,9 @@ def connection_event(routing_key: str, headers: dict[str, Any]) -> ConnectionEve
 class PresenceConsumer:
     """Applies connection events in the order they arrive, as many per transaction as have come."""
 
-    def __init__(self, sessions: Sessions) -> None:
+    def __init__(self, sessions: Sessions, connects: ConnectLimiter | None = None) -> None:
         self._sessions = sessions
+        self._connects = connects
         self._waiting: list[RabbitMessage] = []
         self._applying: asyncio.Task[None] | None = None
 
@@ -91,6 +93,8 @@ class PresenceConsumer:
         """Let the events in hand be applied (bounded), before the broker connection closes."""
         if self._applying is not None:
             await asyncio.wait({self._applying}, timeout=timeout_s)
+        if self._connects is not None:
+            await self._connects.drain()
 
     async def _apply_waiting(self) -> None:
         while self._waiting:
@@ -103,6 +107,11 @@ class PresenceConsumer:
 
     async def _apply(self, messages: Sequence[RabbitMessage]) -> None:
         events = [connection_event(m.raw_message.routing_key or "", m.headers) for m in messages]
+        if self._connects is not None:
+            # One consumer for all app processes: it sees every connect of a device (a reconnect storm).
+            for event in events:
+                if event is not None and event.device_id is not None:
+                    self._connects.connected(event.device_id)
         try:
             await self._apply_events([e for e in events if e is not None])
         except Exception:
@@ -133,7 +142,7 @@ class PresenceConsumer:
             )
 
 
-def register(router: RabbitRouter, sessions: Sessions) -> PresenceConsumer:
-    consumer = PresenceConsumer(sessions)
+def register(router: RabbitRouter, sessions: Sessions, connects: ConnectLimiter | None = None) -> PresenceConsumer:
+    consumer = PresenceConsumer(sessions, connects)
     consumer.register(router)
     return consumer

@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select, text, update
+from sqlalchemy import delete, func, literal, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.devices.models import Device, DeviceCertificate, DeviceConnection
+from app.events.models import DeviceEvent
 
 
 async def get_device(session: AsyncSession, device_id: str, *, lock: bool = False) -> Device | None:
@@ -76,6 +77,33 @@ async def record_state(session: AsyncSession, device_id: str, reported: dict[str
         .where(Device.id == device_id)
         .values(reported_state=reported, reported_at=func.now(), last_seen_at=func.now(), updated_at=func.now())
     )
+
+
+async def record_limited(session: AsyncSession, device_id: str, event: str, blocked_until: datetime | None) -> None:
+    """Stamp the device as limited now (blocked until then, if given) and log the device event."""
+    values: dict[str, Any] = {"last_limited_at": func.now()}
+    if blocked_until is not None:
+        values["blocked_until"] = blocked_until
+    await session.execute(update(Device).where(Device.id == device_id).values(**values))
+    # Only for a device this database knows (a stray request of another stack's device is not).
+    known = select(Device.id, literal(event)).where(Device.id == device_id)
+    await session.execute(insert(DeviceEvent).from_select(["device_id", "event"], known))
+
+
+async def lock_blocks_over(session: AsyncSession, limit: int = 100) -> list[str]:
+    """Devices whose broker block has run out, row-locked (other replicas skip them)."""
+    stmt = (
+        select(Device.id)
+        .where(Device.blocked_until <= func.now())
+        .order_by(Device.blocked_until)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return list((await session.execute(stmt)).scalars())
+
+
+async def clear_blocks(session: AsyncSession, device_ids: Sequence[str]) -> None:
+    await session.execute(update(Device).where(Device.id.in_(device_ids)).values(blocked_until=None))
 
 
 async def set_presence(session: AsyncSession, device_ids: Sequence[str], online: bool, at: datetime) -> None:
@@ -173,13 +201,20 @@ async def set_desired_config(session: AsyncSession, device_id: str, desired: dic
 
 
 async def lock_config_due(
-    session: AsyncSession, device_ids: Sequence[str] | None, limit: int = 500
+    session: AsyncSession,
+    device_ids: Sequence[str] | None,
+    limit: int = 500,
+    skip: Sequence[tuple[str, datetime | None]] = (),
 ) -> Sequence[Device]:
     """Active devices whose desired configuration still has to be published, locked (SKIP LOCKED
-    for the periodic job, waiting for the named ones)."""
+    for the periodic job, waiting for the named ones); not those whose (id, desired_at) is in `skip`."""
     stmt = (
         select(Device)
-        .where(Device.config_due_at.is_not(None), Device.revoked_at.is_(None))
+        .where(
+            Device.config_due_at.is_not(None),
+            Device.revoked_at.is_(None),
+            tuple_(Device.id, Device.desired_at).not_in(skip),
+        )
         .order_by(Device.config_due_at)
         .limit(limit)
     )

@@ -31,6 +31,13 @@ class DeviceRead(BaseModel):
     reported_state: dict[str, Any] | None
     reported_at: datetime | None
     revoked_at: datetime | None
+    last_limited_at: datetime | None = Field(
+        description="When the device last went over its limits (requests refused with `rate_limited`, or blocked)."
+    )
+    blocked_until: datetime | None = Field(
+        description="Set while the broker refuses the device's connections: it flooded the core with requests or "
+        "reconnected too often (cleared when the block is lifted)."
+    )
     created_at: datetime
     updated_at: datetime
 

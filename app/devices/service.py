@@ -5,24 +5,28 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import pki
 from app.db import Sessions
+from app.device_limits import LimitEvent
 from app.devices import repository as repo
 from app.devices.broker_admin import BrokerAdmin
 from app.devices.models import Device, DeviceCertificate
 from app.devices.schemas import CertificateIssued, DeviceRead
-from app.errors import Conflict, NotFound
-from app.settings import Settings
+from app.errors import Conflict, FailedRows, NotFound
+from app.settings import DeviceLimitSettings, Settings
 from app.tasks import service as tasks
 from app.tasks.notifier import Notifier
 from swarm_device.protocol import Device as DeviceWire
 from swarm_device.protocol import HelloParams, StateParams
 
 log = logging.getLogger(__name__)
+
+# The reconciliation's name in FailedRows.
+BROKER_USERS = "broker-users"
 
 
 def to_read(device: Device) -> DeviceRead:
@@ -48,6 +52,34 @@ async def enrol_device(sessions: Sessions, admin: BrokerAdmin, device_id: str) -
     # After the commit: if the broker call fails, the same POST again (or start-up reconciliation) repairs it.
     await admin.provision_device(device_id)
     return to_read(device), existing is None
+
+
+async def record_limited(
+    sessions: Sessions, admin: BrokerAdmin, settings: DeviceLimitSettings, device_id: str, event: LimitEvent
+) -> None:
+    """A device went over its limits: shown on its record and in the event stream; a `BLOCKED`
+    one is also shut out at the broker (its connections closed, new ones refused) for `block_s`.
+
+    Committed first: if the broker call fails, `lift_blocks` still clears what was recorded.
+    """
+    blocked_until = datetime.now(UTC) + timedelta(seconds=settings.block_s) if event is LimitEvent.BLOCKED else None
+    async with sessions() as session:
+        await repo.record_limited(session, device_id, event.value, blocked_until)
+        await session.commit()
+    if blocked_until is not None:
+        await admin.block_device(device_id)
+        log.warning("device %s blocked at the broker until %s", device_id, blocked_until.isoformat())
+
+
+async def lift_blocks(sessions: Sessions, admin: BrokerAdmin) -> int:
+    """Let the devices whose block has run out connect again; returns how many."""
+    async with sessions() as session:
+        device_ids = await repo.lock_blocks_over(session)
+        for device_id in device_ids:
+            await admin.unblock_device(device_id)
+        await repo.clear_blocks(session, device_ids)
+        await session.commit()
+    return len(device_ids)
 
 
 async def get_device(sessions: Sessions, device_id: str) -> DeviceRead:
@@ -137,25 +169,33 @@ async def report_state(sessions: Sessions, device_id: str, params: StateParams) 
         await session.commit()
 
 
-async def reconcile_broker_users(sessions: Sessions, admin: BrokerAdmin) -> tuple[int, int]:
+async def reconcile_broker_users(
+    sessions: Sessions, admin: BrokerAdmin, failed: FailedRows | None = None
+) -> tuple[int, int]:
     """Make broker users match the database: provision missing ones, remove strays (revoked,
-    unknown). Returns (provisioned, removed)."""
+    unknown). A device whose call fails (the management API answered, so not an outage) is left
+    out (`failed`) and the others go on. Returns (provisioned, removed)."""
+    failed = failed if failed is not None else FailedRows()
     async with sessions() as session:
-        wanted = await repo.active_device_ids(session)
-    present = await admin.device_users()
+        wanted = await repo.active_device_ids(session) - set(failed.of(BROKER_USERS))
+    # Unreachable management API: BrokerAdminError here, before any device is tried.
+    present = await admin.device_users() - set(failed.of(BROKER_USERS))
     # A few calls in flight: thousands of strays (say, after restoring an old backup) take
     # seconds, not minutes, without flooding the management API.
     limit = asyncio.Semaphore(8)
 
-    async def bounded(call: Awaitable[None]) -> None:
+    async def bounded(device_id: str, call: Awaitable[None]) -> bool:
         async with limit:
-            await call
+            try:
+                await call
+            except Exception as exc:
+                failed.add(BROKER_USERS, device_id, exc)
+                return False
+            return True
 
-    await asyncio.gather(
-        *(bounded(admin.provision_device(d)) for d in wanted - present),
-        *(bounded(admin.deprovision_device(u)) for u in present - wanted),
-    )
-    return len(wanted - present), len(present - wanted)
+    provisioned = await asyncio.gather(*(bounded(d, admin.provision_device(d)) for d in wanted - present))
+    removed = await asyncio.gather(*(bounded(u, admin.deprovision_device(u)) for u in present - wanted))
+    return sum(provisioned), sum(removed)
 
 
 async def apply_connection_events(sessions: Sessions, events: Sequence[repo.ConnectionEvent]) -> None:

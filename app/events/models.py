@@ -13,7 +13,8 @@ EVENT_ID_SEQUENCE = "task_events_id_seq"
 
 
 class DeviceEvent(Base):
-    """Presence changes (online/offline), written by a trigger on `devices` (see the migration)."""
+    """Presence changes (online/offline), written by a trigger on `devices` (see the migration), and
+    `rate_limited` / `blocked` when the device went over its limits (app/device_limits.py)."""
 
     __tablename__ = "device_events"
 

@@ -1,4 +1,4 @@
-"""SQL for the event log: task events and device events share one id sequence."""
+"""SQL for the event log: task, device and process events share one id sequence."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from sqlalchemy import Row, Text, cast, func, literal, null, select, union_all
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.events.models import DeviceEvent
+from app.processes.models import ProcessEvent
 from app.tasks.models import Task, TaskEvent
 
 
@@ -35,17 +36,35 @@ async def events_after(session: AsyncSession, after: int, limit: int) -> Sequenc
         null(),
         DeviceEvent.created_at,
     )
-    # Each side is cut to `limit` in id order first, so PostgreSQL walks the two id indexes from
+    processes = select(
+        ProcessEvent.id,
+        ProcessEvent.device_id,
+        null(),
+        null(),
+        ProcessEvent.type,
+        null(),
+        func.jsonb_build_object(
+            "instance_id", ProcessEvent.instance_id, "step", ProcessEvent.step, "details", ProcessEvent.details
+        ),
+        ProcessEvent.created_at,
+    )
+    # Each side is cut to `limit` in id order first, so PostgreSQL walks the id indexes from
     # `after` instead of sorting every later event (3.4 s per page at 1M tasks, 2 ms this way).
     both = union_all(
         tasks.where(TaskEvent.id > after).order_by(TaskEvent.id).limit(limit),
         devices.where(DeviceEvent.id > after).order_by(DeviceEvent.id).limit(limit),
+        processes.where(ProcessEvent.id > after).order_by(ProcessEvent.id).limit(limit),
     ).subquery()
     return (await session.execute(select(both).order_by(both.c.id).limit(limit))).all()
 
 
 async def last_event_id(session: AsyncSession) -> int:
-    newest = union_all(select(func.max(TaskEvent.id)), select(func.max(DeviceEvent.id)), select(literal(0)))
+    newest = union_all(
+        select(func.max(TaskEvent.id)),
+        select(func.max(DeviceEvent.id)),
+        select(func.max(ProcessEvent.id)),
+        select(literal(0)),
+    )
     return int(await session.scalar(select(func.max(newest.subquery().c[0]))) or 0)
 
 

@@ -7,10 +7,11 @@ from fastapi.responses import StreamingResponse
 
 from app.auth import Scope
 from app.dependencies import RuntimeDep, requires
+from app.errors import API_ERRORS
 from app.events import service
 from swarm_device.protocol import DEVICE_ID_PATTERN
 
-router = APIRouter(tags=["events"])
+router = APIRouter(tags=["events"], responses=API_ERRORS)
 
 
 @router.get(

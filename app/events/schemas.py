@@ -13,9 +13,11 @@ class EventRead(BaseModel):
     id: int
     type: str = Field(
         description="task.created, task.sent, task.in_progress, task.progress, task.<final state>, "
-        "task.queued (re-queued), device.online, device.offline"
+        "task.queued (re-queued), device.online, device.offline, process.started, process.completed, "
+        "process.failed, process.canceled, step.opened, step.completed, step.passed, step.arrived, notify.queued "
+        "(process events: `details` has instance_id, step and details)"
     )
-    device_id: str
+    device_id: str | None = Field(description="None for a process instance without a device.")
     task_id: UUID | None = None
     version: int | None = None
     attempt: int | None = None

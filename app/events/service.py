@@ -29,7 +29,9 @@ READ_LIMIT = 1000
 
 
 def to_event(row: Row[Any]) -> EventRead:
-    if row.task_id is None:
+    if "." in row.name:
+        kind = row.name  # process events carry their whole type: process.started, step.opened, ...
+    elif row.task_id is None:
         kind = f"device.{row.name}"
     elif row.version == 1:
         kind = "task.created"

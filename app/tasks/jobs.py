@@ -11,12 +11,12 @@ log = logging.getLogger(__name__)
 
 
 async def enforce_deadlines(runtime: Runtime) -> None:
-    if count := await service.time_out_overdue(runtime.sessions, runtime.notifier):
+    if count := await service.time_out_overdue(runtime.sessions, runtime.notifier, runtime.failed_rows):
         log.info("%d in-progress tasks passed their deadline", count)
 
 
 async def expire_tasks(runtime: Runtime) -> None:
-    if count := await service.expire_pending(runtime.sessions):
+    if count := await service.expire_pending(runtime.sessions, runtime.failed_rows):
         log.info("%d pending tasks expired", count)
 
 

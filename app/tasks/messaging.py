@@ -9,11 +9,7 @@ from app.device_rpc import DeviceRequest, DeviceRpcRouter
 from app.errors import NotFound
 from app.tasks import service
 from app.tasks.schemas import TaskRead
-from swarm_device.protocol import FinishedTask, ProgressParams, ResultParams, WireModel
-
-
-class NoParams(WireModel):
-    pass
+from swarm_device.protocol import FinishedTask, NoParams, ProgressParams, ResultParams
 
 
 def _task_id(request: DeviceRequest[ProgressParams] | DeviceRequest[ResultParams]) -> uuid.UUID:

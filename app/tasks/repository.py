@@ -316,10 +316,10 @@ async def notices_due(
     return [(r.id, r.device_id) for r in rows]
 
 
-async def lock_overdue(session: AsyncSession, limit: int) -> Sequence[Task]:
+async def lock_overdue(session: AsyncSession, limit: int, skip: Sequence[uuid.UUID] = ()) -> Sequence[Task]:
     stmt = (
         select(Task)
-        .where(Task.status == TaskStatus.IN_PROGRESS, Task.deadline_at < func.now())
+        .where(Task.status == TaskStatus.IN_PROGRESS, Task.deadline_at < func.now(), Task.id.not_in(skip))
         .order_by(Task.deadline_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
@@ -327,10 +327,10 @@ async def lock_overdue(session: AsyncSession, limit: int) -> Sequence[Task]:
     return (await session.execute(stmt)).scalars().all()
 
 
-async def lock_expired(session: AsyncSession, limit: int) -> Sequence[Task]:
+async def lock_expired(session: AsyncSession, limit: int, skip: Sequence[uuid.UUID] = ()) -> Sequence[Task]:
     stmt = (
         select(Task)
-        .where(Task.status.in_(_PENDING), Task.expires_at < func.now())
+        .where(Task.status.in_(_PENDING), Task.expires_at < func.now(), Task.id.not_in(skip))
         .order_by(Task.expires_at)
         .limit(limit)
         .with_for_update(skip_locked=True)

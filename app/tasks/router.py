@@ -1,16 +1,17 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response, status
 
 from app.auth import Scope
 from app.dependencies import RuntimeDep, requires
+from app.errors import API_ERRORS, problem_responses
 from app.tasks import batch as batch_service
 from app.tasks import service
 from app.tasks.schemas import (
+    DateTimeQuery,
     TaskBatchCreate,
     TaskBatchRead,
     TaskCreate,
@@ -21,7 +22,9 @@ from app.tasks.schemas import (
 )
 from swarm_device.protocol import DEVICE_ID_PATTERN, TaskStatus
 
-router = APIRouter(tags=["tasks"])
+# `{task_id:uuid}`: a path that is no task id (`/tasks/batch`) is not taken for one.
+router = APIRouter(tags=["tasks"], responses=API_ERRORS)
+NOT_FOUND = problem_responses(404)
 
 DeviceIdPath = Annotated[str, Path(pattern=DEVICE_ID_PATTERN, description="The device id (certificate CN).")]
 IdempotencyKey = Annotated[
@@ -35,7 +38,13 @@ IdempotencyKey = Annotated[
 
 
 @router.post(
-    "/devices/{device_id}/tasks", status_code=status.HTTP_201_CREATED, dependencies=[requires(Scope.TASKS_WRITE)]
+    "/devices/{device_id}/tasks",
+    status_code=status.HTTP_201_CREATED,
+    dependencies=[requires(Scope.TASKS_WRITE)],
+    responses={
+        200: {"model": TaskRead, "description": "The task of this Idempotency-Key"},
+        **problem_responses(404, 409),
+    },
 )
 async def create_task(
     device_id: DeviceIdPath,
@@ -52,7 +61,15 @@ async def create_task(
     return task
 
 
-@router.post("/tasks/batch", status_code=status.HTTP_201_CREATED, dependencies=[requires(Scope.TASKS_WRITE)])
+@router.post(
+    "/tasks/batch",
+    status_code=status.HTTP_201_CREATED,
+    dependencies=[requires(Scope.TASKS_WRITE)],
+    responses={
+        200: {"model": TaskBatchRead, "description": "The batch of this Idempotency-Key"},
+        **problem_responses(409),
+    },
+)
 async def create_batch(
     body: TaskBatchCreate,
     runtime: RuntimeDep,
@@ -79,7 +96,7 @@ async def create_batch(
     return batch
 
 
-@router.get("/tasks/{task_id}", dependencies=[requires(Scope.TASKS_READ)])
+@router.get("/tasks/{task_id:uuid}", dependencies=[requires(Scope.TASKS_READ)], responses=NOT_FOUND)
 async def get_task(
     task_id: uuid.UUID,
     runtime: RuntimeDep,
@@ -98,8 +115,8 @@ async def list_tasks(
     batch_id: uuid.UUID | None = None,
     task_status: Annotated[list[TaskStatus] | None, Query(alias="status")] = None,
     method: str | None = None,
-    created_after: datetime | None = None,
-    created_before: datetime | None = None,
+    created_after: DateTimeQuery | None = None,
+    created_before: DateTimeQuery | None = None,
     cursor: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> TaskPage:
@@ -116,13 +133,15 @@ async def list_tasks(
     return TaskPage(items=items, next_cursor=next_cursor)
 
 
-@router.post("/tasks/{task_id}/cancel", dependencies=[requires(Scope.TASKS_WRITE)])
+@router.post(
+    "/tasks/{task_id:uuid}/cancel", dependencies=[requires(Scope.TASKS_WRITE)], responses=problem_responses(404, 409)
+)
 async def cancel_task(task_id: uuid.UUID, runtime: RuntimeDep) -> TaskRead:
     """Cancel a task that is not final yet; the device gets a `task_canceled` notice."""
     return await service.cancel_task(runtime.sessions, runtime.notifier, task_id)
 
 
-@router.get("/tasks/{task_id}/events", dependencies=[requires(Scope.TASKS_READ)])
+@router.get("/tasks/{task_id:uuid}/events", dependencies=[requires(Scope.TASKS_READ)], responses=NOT_FOUND)
 async def task_events(task_id: uuid.UUID, runtime: RuntimeDep) -> list[TaskEventRead]:
     """The task's audit history: one entry per change, oldest first."""
     events = await service.list_events(runtime.sessions, task_id)

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from app.storable_json import StorableObject
 from swarm_device.protocol import DEVICE_ID_PATTERN, Task, TaskStatus
@@ -16,8 +17,20 @@ METHOD_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 MAX_BATCH_DEVICES = 50_000
 
 
+def _date_time_text(value: object) -> object:
+    # pydantic also reads a number ("0") as a Unix time; the API documents RFC 3339 date-times.
+    if isinstance(value, str) and not _DATE_TIME_START.match(value):
+        raise ValueError("must be an RFC 3339 date-time, e.g. 2026-12-04T15:00:00Z")
+    return value
+
+
+_DATE_TIME_START = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]")
+DateTimeQuery = Annotated[datetime, BeforeValidator(_date_time_text)]
+
+
 class TaskCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: `"priority": "5"` or `5.0` is refused as the documented integer it is not.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     method: str = Field(pattern=METHOD_PATTERN, description="What the device should do, e.g. `reboot`.")
     params: StorableObject = Field(default_factory=dict)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hashlib
 import logging
@@ -15,8 +14,9 @@ from pydantic import BaseModel
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.db import Sessions, autocommit
-from app.errors import Conflict, InvalidInput, NotFound
+from app.db import Sessions, autocommit, change_each
+from app.errors import Conflict, FailedRows, InvalidInput, NotFound
+from app.pagination import decode_cursor, encode_cursor
 from app.settings import TaskSettings
 from app.tasks import repository as repo
 from app.tasks.intake import IntakeBatcher
@@ -94,24 +94,12 @@ async def get_task(sessions: Sessions, task_id: uuid.UUID) -> TaskRead:
 async def list_tasks(
     sessions: Sessions, filters: TaskFilter, cursor: str | None, limit: int
 ) -> tuple[list[TaskRead], str | None]:
-    after = _decode_cursor(cursor) if cursor else None
+    after = decode_cursor(cursor) if cursor else None
     async with sessions() as session:
         rows = await repo.list_tasks(session, filters, after, limit)
     items = [to_read(t) for t in rows]
-    next_cursor = _encode_cursor(rows[-1]) if len(rows) == limit else None
+    next_cursor = encode_cursor(rows[-1].created_at, rows[-1].id) if len(rows) == limit else None
     return items, next_cursor
-
-
-def _encode_cursor(task: Task) -> str:
-    return base64.urlsafe_b64encode(f"{task.created_at.isoformat()}|{task.id}".encode()).decode()
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        created_at, task_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
-        return datetime.fromisoformat(created_at), uuid.UUID(task_id)
-    except ValueError as exc:
-        raise InvalidInput("cursor is not valid") from exc
 
 
 async def list_events(sessions: Sessions, task_id: uuid.UUID) -> list[TaskEvent]:
@@ -197,31 +185,50 @@ def _same_report(task: Task, params: ResultParams) -> bool:
 # --- periodic jobs -------------------------------------------------------------------------
 
 
-async def time_out_overdue(sessions: Sessions, notifier: Notifier, batch: int = 500) -> int:
+# The periodic jobs' names in FailedRows.
+DEADLINES = "deadlines"
+EXPIRY = "expiry"
+
+
+def _time_out(task: Task) -> None:
+    if task.attempt < task.max_attempts:
+        repo.set_status(task, TaskStatus.QUEUED, deadline_at=None, notice_due_at=datetime.now(UTC))
+    else:
+        repo.set_status(task, TaskStatus.TIMED_OUT, error={"message": "no result before the deadline"})
+
+
+def _task_id(task: Task) -> uuid.UUID:
+    return task.id
+
+
+def _expire(task: Task) -> None:
+    repo.set_status(task, TaskStatus.EXPIRED)
+
+
+async def time_out_overdue(sessions: Sessions, notifier: Notifier, failed: FailedRows, batch: int = 500) -> int:
     """IN_PROGRESS past its deadline: QUEUED again (same id, so the device can deduplicate) while
-    attempts remain, else TIMED_OUT."""
+    attempts remain, else TIMED_OUT. A task that cannot be changed is left out (`failed`)."""
     async with sessions() as session:
-        tasks = await repo.lock_overdue(session, batch)
-        requeued: list[Task] = []
-        for task in tasks:
-            if task.attempt < task.max_attempts:
-                repo.set_status(task, TaskStatus.QUEUED, deadline_at=None, notice_due_at=datetime.now(UTC))
-                requeued.append(task)
-            else:
-                repo.set_status(task, TaskStatus.TIMED_OUT, error={"message": "no result before the deadline"})
+        tasks = await repo.lock_overdue(session, batch, skip=failed.of(DEADLINES))
+        changed = await change_each(
+            session, tasks, _time_out, _task_id, lambda task_id, exc: failed.add(DEADLINES, task_id, exc)
+        )
+        requeued = [(task.id, task.device_id) for task in changed if task.status == TaskStatus.QUEUED]
         await session.commit()
-    for task in requeued:
-        notifier.task_queued(task.id, task.device_id)
-    return len(tasks)
+    for task_id, device_id in requeued:
+        notifier.task_queued(task_id, device_id)
+    return len(changed)
 
 
-async def expire_pending(sessions: Sessions, batch: int = 500) -> int:
+async def expire_pending(sessions: Sessions, failed: FailedRows, batch: int = 500) -> int:
+    """Pending past their expiry: EXPIRED. A task that cannot be changed is left out (`failed`)."""
     async with sessions() as session:
-        tasks = await repo.lock_expired(session, batch)
-        for task in tasks:
-            repo.set_status(task, TaskStatus.EXPIRED)
+        tasks = await repo.lock_expired(session, batch, skip=failed.of(EXPIRY))
+        changed = await change_each(
+            session, tasks, _expire, _task_id, lambda task_id, exc: failed.add(EXPIRY, task_id, exc)
+        )
         await session.commit()
-    return len(tasks)
+    return len(changed)
 
 
 async def resend_notices(sessions: Sessions, notifier: Notifier, older_than_s: float, chunk: int = 5000) -> int:

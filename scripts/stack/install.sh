@@ -1,7 +1,7 @@
 # Sourced by scripts/stack.sh: `install`, what the machine needs (apt packages, the .venv and
 # RabbitMQ's Debian 13 root, see rabbitmq.sh). Idempotent and quick when done.
 
-APT_PACKAGES=(debootstrap nginx libnginx-mod-http-js mosquitto-clients postgresql-15 openssl curl ca-certificates)
+APT_PACKAGES=(debootstrap nginx libnginx-mod-http-js mosquitto-clients postgresql-15 openssl curl ca-certificates jq chromium)
 
 pkg_installed() {
     dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'

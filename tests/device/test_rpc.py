@@ -5,9 +5,13 @@ import asyncio
 import orjson
 import pytest
 
+from app.settings import DeviceLimitSettings
 from swarm_device.protocol import REQUEST_ID_MAX_LENGTH
 from swarm_device.rpc import (
+    REQUESTS_BURST,
+    REQUESTS_PER_S,
     MalformedReplyError,
+    Pacer,
     RpcCallError,
     RpcChannel,
     RpcTimeoutError,
@@ -198,3 +202,32 @@ async def test_until_answered_waits_longer_before_each_copy() -> None:
     await broker.wait_sent(2)
     channel.handle_reply(orjson.dumps({"id": broker.sent[0][1]["id"], "result": {}}))
     assert await call == {}
+
+
+def test_pacer_lets_a_burst_through_then_spaces_sends() -> None:
+    pacer = Pacer(rate=10, burst=3)
+    assert [pacer.delay(0.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    # Senders that arrive together queue one after the other.
+    assert [round(pacer.delay(0.0), 3) for _ in range(2)] == [0.1, 0.2]
+    assert pacer.delay(10.0) == 0.0
+
+
+def test_the_sdk_pace_stays_under_the_core_limit() -> None:
+    limits = DeviceLimitSettings()
+    assert limits.requests_per_s > REQUESTS_PER_S
+    assert limits.burst > REQUESTS_BURST
+
+
+async def test_rate_limited_reply_is_waited_out_and_sent_again_with_the_same_id() -> None:
+    broker = FakeBroker()
+    channel = make_channel(broker, timeout=5.0, attempts=1)
+    call = asyncio.create_task(channel.call("tasks/next"))
+    await broker.wait_sent(1)
+    request_id = broker.sent[0][1]["id"]
+    refusal = {"id": request_id, "error": {"code": "rate_limited", "message": "slow down", "retry_after_s": 0.05}}
+    assert channel.handle_reply(orjson.dumps(refusal))
+    await broker.wait_sent(2)
+    assert broker.sent[1][1]["id"] == request_id
+    assert channel.handle_reply(orjson.dumps({"id": request_id, "result": {"ok": True}}))
+    assert await call == {"ok": True}
+    assert channel.rate_limited == 1

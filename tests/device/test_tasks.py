@@ -272,3 +272,29 @@ async def test_a_task_handed_back_after_its_report_is_not_run_twice() -> None:
     core.queue.append({**task, "attempt": 2})
     assert await worker.pull() == 1
     assert runs == 2
+
+
+@pytest.mark.asyncio
+async def test_a_core_that_refuses_next_gets_the_report_without_it_and_the_device_pulls() -> None:
+    task = task_dict("echo")
+    core = FakeCore(task)
+
+    async def refuse_next(method: str, params: dict[str, Any] | None = None, *, until_answered: bool = False) -> Any:
+        if method.endswith("/result") and params and params.get("next"):
+            core.calls.append((method, params, until_answered))
+            raise RpcCallError("invalid", "next: Extra inputs are not permitted")
+        return await FakeCore.__call__(core, method, params, until_answered=until_answered)
+
+    stats = DeviceStats()
+    worker = TaskWorker(refuse_next, stats)
+
+    async def echo(ctx: TaskContext) -> dict[str, Any]:
+        return ctx.params
+
+    worker.add_handler("echo", echo)
+    assert await worker.pull() == 1
+    assert [(m, p["next"]) for m, p in core.results() if p] == [
+        (f"tasks/{task['id']}/result", v) for v in (True, False)
+    ]
+    assert [m for m, _, _ in core.calls][-1] == "tasks/next"
+    assert (stats.tasks_succeeded, stats.reports_refused) == (1, 0)

@@ -21,6 +21,7 @@ from app.devices.broker_admin import BrokerAdmin
 from app.settings import Settings
 from swarm_device import protocol
 from swarm_device.client import ProtocolPreference
+from swarm_device.tasks import TaskContext
 from tests.conftest import ROOT, DeviceCredentials, EnrolDevice, unique_device_id
 from tests.e2e.test_sdk_device import MQTT_VERSIONS, make_device, running
 from tests.mosquitto import Endpoint, publish, subscriber
@@ -168,6 +169,20 @@ async def test_connections_without_a_valid_identity_are_refused(
     assert code == 0, output
 
 
+async def create_task(client: httpx.AsyncClient, device_id: str, method: str) -> str:
+    # A long timeout: a slow box must not time the held task out before the revocation.
+    body = {"method": method, "timeout_s": 600, "max_attempts": 1}
+    created = await client.post(f"/devices/{device_id}/tasks", json=body)
+    assert created.status_code == 201, created.text
+    task_id: str = created.json()["id"]
+    return task_id
+
+
+async def task_status(client: httpx.AsyncClient, task_id: str) -> str:
+    status: str = (await client.get(f"/tasks/{task_id}")).json()["status"]
+    return status
+
+
 @MQTT_VERSIONS
 async def test_revocation_cuts_the_device_off(
     app_client: httpx.AsyncClient,
@@ -177,19 +192,30 @@ async def test_revocation_cuts_the_device_off(
     mqtt_version: ProtocolPreference,
 ) -> None:
     creds = await enrol_device("rev")
-    async with running(make_device(settings, creds, mqtt_version)) as device:
-        pending = await app_client.post(
-            f"/devices/{creds.device_id}/tasks", json={"method": "sleep", "params": {"seconds": 30}}
-        )
-        assert pending.status_code == 201
+    device = make_device(settings, creds, mqtt_version)
+
+    # The device holds its task in progress until it is canceled: revocation cannot race its finish.
+    @device.task_handler("hold")
+    async def hold(_ctx: TaskContext) -> None:
+        await asyncio.Event().wait()
+
+    async with running(device):
+        held = await create_task(app_client, creds.device_id, "hold")
+
+        async def held_in_progress() -> bool:
+            return await task_status(app_client, held) == "in_progress"
+
+        await eventually(held_in_progress, within_s=30)
+        # A second task queued behind the held one.
+        waiting = await create_task(app_client, creds.device_id, "echo")
         revoked = await app_client.delete(f"/devices/{creds.device_id}")
         assert revoked.status_code == 200, revoked.text
         assert revoked.json()["revoked_at"] is not None
         # Its open connection is closed by the broker.
         await eventually(lambda: not device.connected.is_set())
 
-    task = (await app_client.get(f"/tasks/{pending.json()['id']}")).json()
-    assert task["status"] == "canceled"
+    for task_id in (held, waiting):
+        assert await task_status(app_client, task_id) == "canceled"
     code, output = await _connect_exit_code(endpoint, creds.cert_file, creds.key_file, creds.device_id)
     assert code != 0, output
     # A revoked device takes no new tasks and its id is not reused.

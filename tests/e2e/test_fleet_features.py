@@ -141,3 +141,21 @@ async def test_asyncapi_lists_every_topic_of_the_design(app_client: httpx.AsyncC
     page = await app_client.get("http://swarm.test/asyncapi")
     assert page.status_code == 200
     assert "dev/{device_id}/up/rpc/hello" in page.text
+
+
+async def test_the_mqtt_view_documents_what_the_core_consumes(app_client: httpx.AsyncClient) -> None:
+    """/asyncapi/device.json is built from protocol.py; the core's view from its subscribers: same methods."""
+    device_view = (await app_client.get("http://swarm.test/asyncapi/device.json")).json()
+    core_view = (await app_client.get("http://swarm.test/asyncapi.json")).json()
+    consumed = {name.replace(".", "/") for name in core_view["operations"]}
+    consumed = {name for name in consumed if name.startswith("dev/{device_id}/up/rpc/")}
+    sent = {
+        device_view["channels"][op["channel"]["$ref"].split("/")[-1]]["address"]
+        for op in device_view["operations"].values()
+        if op["action"] == "send"
+    }
+    assert sent == consumed
+    assert len(sent) == 5
+    page = await app_client.get("http://swarm.test/asyncapi/device")
+    assert page.status_code == 200
+    assert "dev/{device_id}/down/config" in page.text

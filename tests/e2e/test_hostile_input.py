@@ -129,8 +129,8 @@ async def test_every_hostile_message_is_answered_and_every_consumer_lives(
 
 
 def body_of_length(length: int) -> bytes:
-    empty = orjson.dumps({"id": "s", "params": {"blob": ""}})
-    return orjson.dumps({"id": "s", "params": {"blob": "x" * (length - len(empty))}})
+    empty = orjson.dumps({"id": "s", "params": {"reported": {"blob": ""}}})
+    return orjson.dumps({"id": "s", "params": {"reported": {"blob": "x" * (length - len(empty))}}})
 
 
 async def test_the_size_limit_is_exact(
@@ -138,7 +138,7 @@ async def test_the_size_limit_is_exact(
 ) -> None:
     creds = await enrol_device("size")
     async with raw_device(settings.broker.mqtt_host, settings.broker.mqtt_port, creds) as dev:
-        await dev.send(protocol.METHOD_TASKS_NEXT, body_of_length(MAX_REQUEST_BYTES))
-        assert (await dev.reply_to("s")) == {"id": "s", "result": None}
-        await dev.send(protocol.METHOD_TASKS_NEXT, body_of_length(MAX_REQUEST_BYTES + 1))
+        await dev.send(protocol.METHOD_STATE, body_of_length(MAX_REQUEST_BYTES))
+        assert (await dev.reply_to("s")) == {"id": "s", "result": {"ok": True}}
+        await dev.send(protocol.METHOD_STATE, body_of_length(MAX_REQUEST_BYTES + 1))
         assert (await dev.reply_to(None))["error"]["code"] == "invalid"

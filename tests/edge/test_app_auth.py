@@ -7,8 +7,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi.routing import APIRoute
 
 from app.auth import Scope
+from app.dependencies import _ScopedBearer
+from app.main import CONSOLE_PAGES
 from app.settings import Settings
 from tests.conftest import bearer
 from tests.tokens import REFUSED, new_signing_key, refused_tokens
@@ -72,3 +75,14 @@ async def test_openapi_shows_the_bearer_scheme_on_the_api_only(app_client: httpx
         if path.startswith("/api/v1/"):
             for method, operation in operations.items():
                 assert operation["security"][0]["HTTPBearer"], f"{method} {path}"
+
+
+def test_every_console_route_but_sign_in_needs_a_scope() -> None:
+    """The console's pages and actions are checked like the API's (they are not in the OpenAPI
+    document, so the test above does not see them)."""
+    public = {"", "/signin", "/signout"}
+    routes = [r for page in CONSOLE_PAGES for r in page.router.routes if isinstance(r, APIRoute)]
+    assert {r.path for r in routes} > public
+    for route in routes:
+        scopes = [dep.call.scope for dep in route.dependant.dependencies if isinstance(dep.call, _ScopedBearer)]
+        assert bool(scopes) is (route.path not in public), route.path

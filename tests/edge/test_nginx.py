@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 
@@ -35,6 +36,7 @@ async def test_public_paths_need_no_token(edge: httpx.AsyncClient) -> None:
     spec = (await edge.get("/openapi.json")).json()
     assert "/api/v1/tasks" in spec["paths"]
     assert (await edge.get("/asyncapi.json")).json()["asyncapi"].startswith("3.")
+    assert (await edge.get("/asyncapi/device.json")).json()["servers"]["mqtt5"]["protocol"] == "mqtts"
     # Anything else of the app stays inside.
     assert_problem(await edge.get("/metrics"), 404)
 
@@ -66,6 +68,20 @@ async def test_a_valid_token_with_the_scope_passes(edge: httpx.AsyncClient, sett
     response = await edge.get("/api/v1/tasks", params={"limit": 1}, headers=bearer(settings, Scope.TASKS_READ))
     assert response.status_code == 200, response.text
     assert "items" in response.json()
+
+
+async def test_a_failed_request_does_not_fail_the_next_one(operator: httpx.AsyncClient, db: asyncpg.Connection) -> None:
+    """A real 500 (a row the API would never write fails the answer's validation), then ordinary
+    requests on the same client and nginx's kept upstream connections: each answered normally,
+    none 502 (uvicorn used to close the connection after a 500 that nginx was reusing)."""
+    broken = unique_device_id("broken")
+    assert (await operator.post("/devices", json={"id": broken})).status_code == 201
+    await db.execute("""UPDATE devices SET capabilities = '{"not": "a list"}' WHERE id = $1""", broken)
+    for _ in range(5):
+        assert_problem(await operator.get(f"/devices/{broken}"), 500)
+        created = await operator.post("/devices", json={"id": unique_device_id("after")})
+        assert created.status_code == 201, created.text
+        assert (await operator.get("/tasks", params={"limit": 1})).status_code == 200
 
 
 async def test_a_body_over_the_limit_is_refused(operator: httpx.AsyncClient) -> None:
@@ -107,13 +123,17 @@ async def test_a_burst_over_the_rate_limit_gets_429_then_recovers(
     # 50 r/s with a burst of 100 per client address (nginx/render.sh), counted before the token
     # check: token-less requests measure the limiter alone (they end in nginx, as 401 or 429).
     # Few connections, kept alive: TLS handshakes would otherwise stretch the burst out.
+    # On a crowded box the client may send slower than the bucket's 100 + 50 r/s drains: it goes on
+    # in rounds of 250 until it is refused, however long that takes.
     limits = httpx.Limits(max_connections=10)
+    responses: list[httpx.Response] = []
     async with httpx.AsyncClient(base_url=edge_url, verify=edge_tls, limits=limits, timeout=30) as client:
         started = time.monotonic()
-        responses = await asyncio.gather(*(client.get("/api/v1/tasks") for _ in range(500)))
+        while len(responses) < 5000 and not any(r.status_code == 429 for r in responses):
+            responses += await asyncio.gather(*(client.get("/api/v1/tasks") for _ in range(250)))
         elapsed = time.monotonic() - started
     counts = Counter(r.status_code for r in responses)
-    print(f"burst of 500 requests in {elapsed:.2f} s: {dict(counts)}")
+    print(f"burst of {len(responses)} requests in {elapsed:.2f} s: {dict(counts)}")
     assert set(counts) == {401, 429}, counts
     # The burst is served, and no more than the rate allows on top of it.
     assert 100 <= counts[401] <= 100 + 50 * elapsed + 1, counts

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -31,10 +32,17 @@ def app_env(stack_env: dict[str, str], settings: Settings) -> dict[str, str]:
     env = dict(stack_env)
     env["APP_DATABASE__URL"] = settings.database.url.get_secret_value()
     env["APP_INSTANCE_NAME"] = "swarm-faults"
-    for section, values in FAST_JOBS.items():
-        for key, value in values.items():
-            env[f"APP_{section}__{key}".upper()] = str(value)
+    env.update(_variables("APP_", FAST_JOBS))
     return env
+
+
+def _variables(prefix: str, values: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """Nested settings as APP_* variables (`__` nests)."""
+    for key, value in values.items():
+        if isinstance(value, dict):
+            yield from _variables(f"{prefix}{key}__", value)
+        else:
+            yield f"{prefix}{key}".upper(), str(value)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from app.auth import ANONYMOUS, Scope, TokenVerifier, mint_token
+from app.auth import ANONYMOUS, Scope, TokenVerifier, csrf_token, mint_token, same_origin
 from app.errors import Unauthorized
 from app.settings import AuthSettings
 from tests.tokens import REFUSED, new_signing_key, refused_tokens
@@ -67,3 +67,25 @@ def test_a_remembered_token_is_refused_once_it_expires(auth: AuthSettings) -> No
     time.sleep(2.1)  # past its exp (at most 2 s after minting)
     with pytest.raises(Unauthorized, match="expired"):
         verifier.verify(token)
+
+
+def test_the_csrf_token_is_the_sessions_own_and_not_the_token() -> None:
+    assert csrf_token("a.b.c") == csrf_token("a.b.c")
+    assert csrf_token("a.b.c") != csrf_token("a.b.d")
+    assert "a.b.c" not in csrf_token("a.b.c")
+
+
+@pytest.mark.parametrize(
+    ("origin", "host", "same"),
+    [
+        (None, "localhost:8443", True),
+        ("https://localhost:8443", "localhost", True),
+        ("https://localhost:8443", "localhost:8443", True),
+        ("https://evil.example", "localhost", False),
+        ("https://localhost.evil.example", "localhost", False),
+        ("null", "localhost", False),
+        ("https://localhost", None, False),
+    ],
+)
+def test_same_origin_compares_host_names(origin: str | None, host: str | None, same: bool) -> None:
+    assert same_origin(origin, host) is same

@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -66,18 +67,21 @@ async def test_provision_device_request_shapes() -> None:
 
     assert recorder.calls() == [
         ("PUT", "/api/users/dev-pa1"),
-        # Topic permissions before vhost permissions: never connectable without the topic ACL.
+        # Connection limits and topic permissions before vhost permissions: never connectable
+        # without them.
+        ("PUT", "/api/user-limits/dev-pa1/max-connections"),
         ("PUT", "/api/topic-permissions/devices/dev-pa1"),
         ("PUT", "/api/permissions/devices/dev-pa1"),
     ]
     assert recorder.body(0) == {"password_hash": "", "tags": ""}
-    assert recorder.body(1) == {
+    assert recorder.body(1) == {"value": 2}
+    assert recorder.body(2) == {
         "exchange": "amq.topic",
         "write": "^dev\\.{username}\\.up\\.",
         "read": "^dev\\.{username}\\.down\\.",
     }
-    assert b"client_id" not in recorder.requests[1].content
-    assert recorder.body(2) == {
+    assert b"client_id" not in recorder.requests[2].content
+    assert recorder.body(3) == {
         "configure": r"^mqtt-subscription-dev\-pa1qos[01]$",
         "write": r"^(amq\.topic|mqtt-subscription-dev\-pa1qos[01])$",
         "read": r"^(amq\.topic|mqtt-subscription-dev\-pa1qos[01])$",
@@ -107,7 +111,7 @@ async def test_path_segments_are_url_encoded() -> None:
 
     await admin.provision_device("dev_1")
 
-    assert recorder.calls()[1:] == [
+    assert recorder.calls()[2:] == [
         ("PUT", "/api/topic-permissions/%2F/dev_1"),
         ("PUT", "/api/permissions/%2F/dev_1"),
     ]
@@ -281,7 +285,7 @@ class FakeManagement:
     """Just enough state behind the user and permission endpoints to check idempotence."""
 
     def __init__(self) -> None:
-        self.state: dict[str, dict[str, str]] = {}
+        self.state: dict[str, dict[str, Any]] = {}
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         path = _raw_path(request)
@@ -290,10 +294,14 @@ class FakeManagement:
             return httpx.Response(201)
         if request.method == "DELETE":
             user = path.rsplit("/", 1)[1]
-            gone = [p for p in self.state if p.endswith("/" + user)]
+            gone = [p for p in self.state if p.endswith("/" + user) or f"/user-limits/{user}/" in p]
             for p in gone:
                 del self.state[p]
             return httpx.Response(204 if gone else 404)
+        if path.startswith("/api/user-limits/"):
+            user = path.rsplit("/", 1)[1]
+            limits = {p.rsplit("/", 1)[1]: v["value"] for p, v in self.state.items() if p.startswith(path + "/")}
+            return httpx.Response(200, json=[{"user": user, "value": limits}] if limits else [])
         if path not in self.state:
             return httpx.Response(404)
         stored = self.state[path]
@@ -333,6 +341,23 @@ async def test_half_provisioned_or_edited_device_is_not_provisioned() -> None:
     await admin.provision_device("dev-pa1")
     del fake.state["/api/topic-permissions/devices/dev-pa1"]
     assert await admin.device_provisioned("dev-pa1") is False
+
+    await admin.provision_device("dev-pa1")
+    del fake.state["/api/user-limits/dev-pa1/max-connections"]
+    assert await admin.device_provisioned("dev-pa1") is False
+
+
+@pytest.mark.asyncio
+async def test_a_blocked_device_is_still_provisioned_and_unblocks_to_its_limit() -> None:
+    fake = FakeManagement()
+    admin = _admin(fake)
+    await admin.provision_device("dev-pa1")
+
+    await admin.limit_connections("dev-pa1", 0)
+    assert fake.state["/api/user-limits/dev-pa1/max-connections"] == {"value": 0}
+    assert await admin.device_provisioned("dev-pa1") is True
+    await admin.unblock_device("dev-pa1")
+    assert fake.state["/api/user-limits/dev-pa1/max-connections"] == {"value": 2}
 
 
 @pytest.mark.asyncio

@@ -1,0 +1,1 @@
+"""The conformance kit for device developers (docs/conformance.md)."""
