@@ -479,11 +479,12 @@ def print_table(results: dict[str, Any]) -> None:
             )
         )
         rows.append(("round trip: p50/p95/p99/max", f"{lat['p50']} / {lat['p95']} / {lat['p99']} / {lat['max']} ms"))
-        left = rt["left_for_next_section"]
+        before, left = rt["left_by_earlier_sections"], rt["left_for_next_section"]
         rows.append(
             (
-                "round trip: left behind",
-                f"{left['tasks_canceled']} unfinished tasks canceled, {left['messages_purged']} messages purged",
+                "round trip: settled",
+                f"canceled {before['tasks_canceled']} unfinished tasks before it and {left['tasks_canceled']} after, "
+                f"purged {before['messages_purged']} + {left['messages_purged']} messages",
             )
         )
         rows.append(
