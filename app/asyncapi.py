@@ -38,7 +38,9 @@ DOWN_TOPICS: list[tuple[str, Any, str]] = [
         reply_topic("{device_id}"),
         Reply,
         "Replies to the device's requests: `result` or `error`, with the request id. MQTT 5: a request's "
-        "Response Topic under dev/{device_id}/down/ is used instead, with its Correlation Data. "
+        "Response Topic under dev/{device_id}/down/ is used instead, with its Correlation Data. The result "
+        "of a `tasks/{task_id}/result` request with `next: true` is the task plus `next_task`: the device's "
+        "next task, already in progress (as `tasks/next` answers it), or null. "
         "`rate_limited` (with `retry_after_s`) when the device sends more requests than its limit.",
     ),
     (

@@ -44,6 +44,9 @@ DEFAULTS: dict[str, tuple[float, float]] = {
     "intake_seconds": (15, 3),
     "intake_devices": (1000, 50),
     "rt_devices": (1000, 20),
+    # Closed loop, one task in flight each: enough to keep the broker busy, few enough that the
+    # single device process is not what limits it.
+    "raw_devices": (20, 5),
     "rt_rate": (1000, 50),
     "rt_seconds": (20, 3),
     "scale_devices": (100_000, 1000),
@@ -73,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--token", default=os.environ.get("BENCH_TOKEN"), help="bearer token, if the API wants one")
     parser.add_argument(
         "--no-hello", action="store_true", help="connections: devices only connect (no hello, no tasks/next)"
+    )
+    parser.add_argument(
+        "--no-ask-next", action="store_true", help="roundtrip: devices report results without `next` (older SDKs)"
     )
     parser.add_argument("--flood-method", default="tasks/next", help="fairness: the method the flooding device sends")
     parser.add_argument("--output", type=Path, default=None, help="JSON file (default: bench-results/<time>.json)")
@@ -137,6 +143,10 @@ async def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
         amqp = await raw.broker_ceiling(settings, 64, args.raw_seconds, progress)
         results["raw"] = {"postgres_insert_commit": db, "amqp_publish_confirmed": amqp}
         await _forget_raw_rows(stack)
+    if "roundtrip" in wanted:
+        progress.say("raw", f"the round trip without the app: {int(args.raw_devices)} closed-loop MQTT 5 devices")
+        ceiling = await raw.roundtrip_ceiling(settings, devices, int(args.raw_devices), args.raw_seconds, progress)
+        results.setdefault("raw", {})["roundtrip"] = ceiling
 
     if "processes" in wanted:
         progress.say("processes", f"step transitions, {int(args.process_workers)} workers")
@@ -207,7 +217,10 @@ async def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
                 headers=_headers(args),
                 log_file=logs["simulator"],
                 progress=progress,
+                ask_next=not args.no_ask_next,
             )
+            ceiling = results["raw"]["roundtrip"]["per_s"]
+            results["roundtrip"]["share_of_raw_ceiling"] = round(results["roundtrip"]["achieved_per_s"] / ceiling, 3)
         if "connections" in wanted:
             results["connections"] = await connections.run(
                 stack,
@@ -341,6 +354,9 @@ def _targets(results: dict[str, Any], args: argparse.Namespace) -> list[dict[str
             p99,
             p99 < 50 and not lost if at_target_load else None,
         )
+        share = rt["share_of_raw_ceiling"]
+        offered_enough = rt["offered_per_s"] >= results["raw"]["roundtrip"]["per_s"]
+        check("round trip >= 70% of the raw round-trip ceiling", share, share >= 0.7 if offered_enough else None)
     if "scale" in results:
         sc = results["scale"]
         at_size = sc["tasks"] >= 1_000_000
@@ -401,10 +417,19 @@ def print_table(results: dict[str, Any]) -> None:
     if warning := _busy_warning(meta):
         print(f"  {warning}")
     rows: list[tuple[str, str]] = []
-    if "raw" in results:
+    if "postgres_insert_commit" in results.get("raw", {}):
         db, amqp = results["raw"]["postgres_insert_commit"], results["raw"]["amqp_publish_confirmed"]
         rows.append(("raw: postgres INSERT+COMMIT", f"{db['per_s']:,.0f}/s ({db['concurrency']} connections)"))
         rows.append(("raw: amqp publish, confirmed", f"{amqp['per_s']:,.0f}/s ({amqp['in_flight']} in flight)"))
+    if "roundtrip" in results.get("raw", {}):
+        ceiling = results["raw"]["roundtrip"]
+        rows.append(
+            (
+                "raw: round trip without the app",
+                f"{ceiling['per_s']:,.0f} tasks/s ({ceiling['devices']} closed-loop devices, "
+                f"p50 {ceiling['latency_ms']['p50']} ms)",
+            )
+        )
     if "intake" in results:
         it = results["intake"]
         lat = it["answer_latency_ms"]
@@ -454,6 +479,17 @@ def print_table(results: dict[str, Any]) -> None:
             )
         )
         rows.append(("round trip: p50/p95/p99/max", f"{lat['p50']} / {lat['p95']} / {lat['p99']} / {lat['max']} ms"))
+        before, left = rt["left_by_earlier_sections"], rt["left_for_next_section"]
+        rows.append(
+            (
+                "round trip: settled",
+                f"canceled {before['tasks_canceled']} unfinished tasks before it and {left['tasks_canceled']} after, "
+                f"purged {before['messages_purged']} + {left['messages_purged']} messages",
+            )
+        )
+        rows.append(
+            ("round trip: share of raw ceiling", f"{rt['achieved_per_s']:g}/s = {rt['share_of_raw_ceiling']:.0%}")
+        )
         per_task = ", ".join(f"{part} {ms}" for part, ms in rt["cpu"]["ms_per_task"].items())
         rows.append(("round trip: CPU ms per task", f"{per_task} (load average {rt['cpu']['load_average']:.1f})"))
     if "scale" in results:

@@ -96,11 +96,17 @@ async def purge_queues(settings: Settings) -> int:
     vhost = quote(broker.devices_vhost, safe="")
     auth = (broker.management_user, broker.management_password.get_secret_value())
     async with httpx.AsyncClient(base_url=broker.management_url, auth=auth, timeout=60) as client:
-        response = await client.get(f"/api/queues/{vhost}", params={"columns": "name,messages"})
+        response = await client.get(f"/api/queues/{vhost}", params={"columns": "name,messages,exclusive"})
         response.raise_for_status()
+        # An exclusive queue belongs to a live connection (a connected device's session, a consumer
+        # of the raw round trip) and goes with it; nobody else may touch it.
         # The app's own queues always: the statistics may be a minute old, or not there yet
         # after the node restarted (10,000 presence events were missed so).
-        stale = [q["name"] for q in response.json() if q.get("messages") or q["name"].startswith("swarm.")]
+        stale = [
+            q["name"]
+            for q in response.json()
+            if not q.get("exclusive") and (q.get("messages") or q["name"].startswith("swarm."))
+        ]
     if not stale:
         return 0
     core = create_broker(broker)

@@ -92,11 +92,13 @@ async def simulating(
     no_hello: bool = False,
     first: int = 1,
     flood: str | None = None,
+    ask_next: bool = True,
 ) -> AsyncIterator[Simulator]:
     """Devices `<prefix><first>..` (`count` of them) of the fleet running `echo` tasks until the
     block ends, split over `processes` simulator processes that share the connect rate;
     `no_hello`: devices that only connect (ready once subscribed); `flood`: misbehaving devices
-    that send this method's requests as fast as they can."""
+    that send this method's requests as fast as they can; `ask_next=False`: devices that report
+    results as older SDKs did."""
     processes = max(1, min(processes, count))
     started: list[asyncio.subprocess.Process] = []
     try:
@@ -116,6 +118,7 @@ async def simulating(
                     f"--connect-rate={connect_rate / processes}",
                     "--status-interval=1",
                     *(["--no-hello"] if no_hello else []),
+                    *([] if ask_next else ["--no-ask-next"]),
                     *([f"--flood={flood}"] if flood else []),
                 )
                 started.append(

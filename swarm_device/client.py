@@ -132,6 +132,7 @@ class DeviceClient:
         session_expiry: int = 86400,
         verify_hostname: bool = True,
         on_config: ConfigCallback | None = None,
+        ask_next: bool = True,
     ) -> None:
         """Configure a device; nothing connects before `run()` or `async with`.
 
@@ -141,6 +142,7 @@ class DeviceClient:
         device is offline; the broker caps it (one day here). 3.1.1 gets the broker's maximum
         with `clean_session=False`. `on_config` replaces the
         default handling of desired configuration (store it and report it back as is).
+        `ask_next=False` reports results as SDKs before `next` did (a `tasks/next` after each).
         """
         if not DEVICE_ID_RE.match(device_id):
             raise ValueError(f"invalid device id {device_id!r}")
@@ -186,7 +188,7 @@ class DeviceClient:
             max_timeout=max(request_timeout, request_max_timeout),
             attempts=request_attempts,
         )
-        self._tasks = TaskWorker(self.call, self.stats, device_id=device_id)
+        self._tasks = TaskWorker(self.call, self.stats, device_id=device_id, ask_next=ask_next)
         self._mqtt: aiomqtt.Client | None = None
         self._desired: dict[str, Any] | None = None
         self._desired_changed = asyncio.Event()

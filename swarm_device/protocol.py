@@ -178,6 +178,11 @@ class ResultParams(Params):
     status: ReportedStatus
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
+    next: bool = Field(
+        default=False,
+        description="Also hand out the device's next task: the reply then carries it as `next_task` "
+        "(null: none), as `tasks/next` would, so the device need not call `tasks/next` after the result.",
+    )
 
 
 class StateParams(Params):
@@ -203,6 +208,14 @@ class Task(WireModel):
     status_details: dict[str, Any] | None = None
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
+
+
+class FinishedTask(Task):
+    """The answer to a `result` that asked for `next`: the final task and the device's next one,
+    already in progress (null if there is none). A core that does not know `next` answers without
+    `next_task`: the device then pulls with `tasks/next` as before."""
+
+    next_task: Task | None = None
 
 
 class Device(WireModel):
@@ -244,7 +257,8 @@ METHODS: tuple[Method, ...] = (
         Task | None,
         "Pull the current task: the one in progress if any (also after a reboot: resume it, do not run it "
         "again), else the next queued one, which becomes in_progress; null when there is none. Call it on "
-        "every (re)connect, on every task_queued notice and after every result.",
+        "every (re)connect, on every task_queued notice and after every result (unless that result's reply "
+        "carried `next_task`).",
     ),
     Method(
         progress_method("{task_id}"),
@@ -256,9 +270,10 @@ METHODS: tuple[Method, ...] = (
     Method(
         result_method("{task_id}"),
         ResultParams,
-        Task,
+        FinishedTask,
         "The final report: succeeded, failed or rejected. A repeated identical report is answered again; "
-        "another report of a finished task is a conflict.",
+        "another report of a finished task is a conflict. With `next: true` the reply also carries "
+        "`next_task`, what tasks/next would answer now, so the device need not call it.",
     ),
     Method(METHOD_STATE, StateParams, Acknowledged, "The device's reported configuration/state; stored."),
 )

@@ -120,6 +120,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="do not check the broker certificate's host name",
     )
+    parser.add_argument(
+        "--no-ask-next",
+        action="store_true",
+        help="report results without `next` (as older SDKs: a tasks/next after every task)",
+    )
     parser.add_argument("--log-level", default="WARNING", help="logging level")
     args = parser.parse_args(argv)
     if args.count < 1 and not args.device:
@@ -285,6 +290,7 @@ class Fleet:
             protocol=protocol,
             request_timeout=self.args.request_timeout,
             verify_hostname=not self.args.no_verify_hostname,
+            ask_next=not self.args.no_ask_next,
             **extra,
         )
         for method, handler in handlers.items():

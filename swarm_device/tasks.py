@@ -1,7 +1,9 @@
 """Running tasks on the device: pull with `tasks/next`, execute one at a time, report the result.
 
 The pull is the source of truth and the push (a `task_queued` notice) only a hint, so the worker
-pulls until the core answers `null` every time it is woken, whatever woke it.
+pulls until the core answers `null` every time it is woken, whatever woke it. A result report asks
+for the next task too (`next`): a core that hands it out in the reply (`next_task`) saves the
+`tasks/next` call after every task; one that does not is asked with `tasks/next` as before.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ logger = logging.getLogger(__name__)
 
 # How many finished tasks a worker remembers (see `TaskWorker._outcomes`).
 REMEMBERED_OUTCOMES = 64
+# What `_report` answers when the core's reply did not say what comes next (pull with
+# `tasks/next`), and when the core refused the report.
+ASK = object()
+REFUSED = object()
 
 
 class Caller(Protocol):
@@ -114,8 +120,9 @@ class TaskWorker:
     result is reported once the device is back (the calls wait for a connection).
     """
 
-    def __init__(self, call: Caller, stats: DeviceStats, *, device_id: str = "") -> None:
+    def __init__(self, call: Caller, stats: DeviceStats, *, device_id: str = "", ask_next: bool = True) -> None:
         self._call = call
+        self._ask_next = ask_next
         self._stats = stats
         self._device_id = device_id
         self.handlers: dict[str, TaskHandler] = {}
@@ -161,12 +168,16 @@ class TaskWorker:
         """Call `tasks/next` and run what it hands out until it answers null; returns the count."""
         executed = 0
         resent: set[UUID] = set()
+        handed: Any = ASK  # what a result's reply handed out next (a task or None), else ASK
         while True:
-            try:
-                raw = await self._call(METHOD_TASKS_NEXT, until_answered=True)
-            except RpcCallError as exc:
-                logger.warning("%s: tasks/next refused: %s", self._device_id, exc)
-                return executed
+            if handed is ASK:
+                try:
+                    raw = await self._call(METHOD_TASKS_NEXT, until_answered=True)
+                except RpcCallError as exc:
+                    logger.warning("%s: tasks/next refused: %s", self._device_id, exc)
+                    return executed
+            else:
+                raw = handed
             if raw is None:
                 return executed
             try:
@@ -185,17 +196,17 @@ class TaskWorker:
                     return executed
                 resent.add(task.id)
                 self._stats.reports_resent += 1
-                if not await self._report(task, outcome, count=False):
-                    return executed
-                continue
-            executed += 1
-            if not await self.execute(task):
+                handed = await self._report(task, outcome, count=False)
+            else:
+                executed += 1
+                handed = await self.execute(task)
+            if handed is REFUSED:
                 # The core refused the report; pulling again at once could hand the same task
                 # back in a tight loop. The next notice or reconnect pulls again.
                 return executed
 
-    async def execute(self, task: Task) -> bool:
-        """Run one task and report its result; returns False if the core refused the report."""
+    async def execute(self, task: Task) -> Any:
+        """Run one task and report its result; returns what `_report` returns (ASK if canceled)."""
         context = TaskContext(task, self._call)
         job = asyncio.create_task(run_handler(self.handlers.get(task.method), context), name=f"task-{task.id}")
         self._running = (task, job)
@@ -209,30 +220,40 @@ class TaskWorker:
         if job.cancelled():
             # The core made it CANCELED already; a report would only be refused.
             self._stats.tasks_canceled += 1
-            return True
+            return ASK
         outcome = job.result()
         self._outcomes[(task.id, task.attempt)] = outcome
         while len(self._outcomes) > REMEMBERED_OUTCOMES:
             self._outcomes.popitem(last=False)
         return await self._report(task, outcome)
 
-    async def _report(self, task: Task, outcome: ResultParams, *, count: bool = True) -> bool:
+    async def _send_report(self, task: Task, outcome: ResultParams) -> Any:
+        params = outcome.model_copy(update={"next": self._ask_next}).model_dump(mode="json")
+        return await self._call(result_method(task.id), params, until_answered=True)
+
+    async def _report(self, task: Task, outcome: ResultParams, *, count: bool = True) -> Any:
+        """Report a result, asking for the next task: REFUSED if the core refused the report,
+        else the next task the reply handed out (None: none), or ASK if it handed out nothing."""
         try:
-            await self._call(
-                result_method(task.id),
-                outcome.model_dump(mode="json"),
-                until_answered=True,
-            )
+            try:
+                answer = await self._send_report(task, outcome)
+            except RpcCallError as exc:
+                if not (self._ask_next and exc.code == "invalid" and "next" in exc.message):
+                    raise
+                # A core from before `next` refuses the field it does not know: report as before.
+                logger.info("%s: the core does not hand out tasks with results; pulling instead", self._device_id)
+                self._ask_next = False
+                answer = await self._send_report(task, outcome)
         except RpcCallError as exc:
             self._stats.reports_refused += 1
             logger.warning("%s: result of task %s refused: %s", self._device_id, task.id, exc)
-            return False
-        if not count:
-            return True
-        if outcome.status == "succeeded":
-            self._stats.tasks_succeeded += 1
-        elif outcome.status == "failed":
-            self._stats.tasks_failed += 1
-        else:
-            self._stats.tasks_rejected += 1
-        return True
+            return REFUSED
+        if count:
+            if outcome.status == "succeeded":
+                self._stats.tasks_succeeded += 1
+            elif outcome.status == "failed":
+                self._stats.tasks_failed += 1
+            else:
+                self._stats.tasks_rejected += 1
+        # A core that does not know `next` (or an odd answer): pull with tasks/next as before.
+        return answer["next_task"] if isinstance(answer, dict) and "next_task" in answer else ASK

@@ -9,7 +9,7 @@ from app.device_rpc import DeviceRequest, DeviceRpcRouter
 from app.errors import NotFound
 from app.tasks import service
 from app.tasks.schemas import TaskRead
-from swarm_device.protocol import NoParams, ProgressParams, ResultParams
+from swarm_device.protocol import FinishedTask, NoParams, ProgressParams, ResultParams
 
 
 def _task_id(request: DeviceRequest[ProgressParams] | DeviceRequest[ResultParams]) -> uuid.UUID:
@@ -31,6 +31,11 @@ def register(rpc: DeviceRpcRouter, sessions: Sessions) -> None:
         return await service.report_progress(sessions, request.device_id, _task_id(request), request.params)
 
     @rpc.method("tasks/{task_id}/result", ResultParams)
-    async def result(request: DeviceRequest[ResultParams]) -> TaskRead:
-        """The final report of a task; a repeated identical report is answered again."""
-        return await service.report_result(sessions, request.device_id, _task_id(request), request.params)
+    async def result(request: DeviceRequest[ResultParams]) -> TaskRead | FinishedTask:
+        """The final report of a task; a repeated identical report is answered again. With `next`,
+        the reply also hands out the device's next task (`next_task`), as `tasks/next` would."""
+        finished = await service.report_result(sessions, request.device_id, _task_id(request), request.params)
+        if not request.params.next:
+            return finished
+        handed_out = await service.next_task(sessions, request.device_id)
+        return FinishedTask.model_construct(**dict(finished), next_task=handed_out)

@@ -17,7 +17,12 @@ import pytest
 from tests.conftest import ROOT, STACK
 
 SECTIONS = {
-    "raw": ["postgres_insert_commit.per_s", "amqp_publish_confirmed.per_s"],
+    "raw": [
+        "postgres_insert_commit.per_s",
+        "amqp_publish_confirmed.per_s",
+        "roundtrip.per_s",
+        "roundtrip.latency_ms.p50",
+    ],
     "intake": [
         "persisted_per_s",
         "noticed_per_s",
@@ -28,7 +33,7 @@ SECTIONS = {
         "app_cpu_ms_per_task",
         "http_floor.app_cpu_ms_per_request",
     ],
-    "roundtrip": ["completed", "achieved_per_s", "latency_ms.p50", "latency_ms.p99"],
+    "roundtrip": ["completed", "achieved_per_s", "latency_ms.p50", "latency_ms.p99", "share_of_raw_ceiling"],
     "scale": ["tasks", "devices", "next_empty_ms.p50", "next_loaded_ms.p50"],
     "connections": ["stayed_connected"],
     "processes": ["empty.per_s", "loaded.per_s", "ratio_to_db_ceiling", "loaded_instances"],
@@ -95,6 +100,11 @@ def test_short_mode_reports_every_section(stack_env: dict[str, str], tmp_path: P
         value = _figure(results, figure)
         assert isinstance(value, int), f"{figure} = {value!r}"
     assert results["roundtrip"]["not_final_after_wait"] == 0
+    # What the sections before left unfinished (intake's tasks of devices that never connect) is
+    # canceled before the round trip, and the round trip itself leaves nothing unfinished.
+    earlier = results["roundtrip"]["left_by_earlier_sections"]
+    assert earlier["tasks_canceled"] > 0
+    assert results["roundtrip"]["left_for_next_section"]["tasks_canceled"] == 0
     assert results["connections"]["stayed_connected"] == results["connections"]["target"]
     # The flooding device was seen: refused and blocked (the speed of it is the bench's to show).
     assert results["fairness"]["flooder_limited"] is True

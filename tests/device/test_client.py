@@ -115,7 +115,7 @@ async def test_connect_says_hello_then_pulls_and_runs_tasks(wired: tuple[DeviceC
         assert client.device is not None
         assert client.device.online
         assert core.methods()[:2] == ["hello", "tasks/next"]
-        assert core.requests[2][1] == {"status": "succeeded", "result": {"a": 1}, "error": None}
+        assert core.requests[2][1] == {"status": "succeeded", "result": {"a": 1}, "error": None, "next": True}
 
         # A notice wakes the pull; an unknown method is rejected.
         task = make_task("dance", {})

@@ -32,10 +32,13 @@ def task_dict(method: str = "echo", params: dict[str, Any] | None = None) -> dic
 
 
 class FakeCore:
-    """Answers the worker's calls: `tasks/next` from a queue, everything else from `answers`."""
+    """Answers the worker's calls: `tasks/next` from a queue, everything else with `{}` (a core
+    that does not know `next`); `hands_out_next`: a result asking for `next` gets the next task of
+    the queue (or null) as `next_task`."""
 
-    def __init__(self, *tasks: dict[str, Any]) -> None:
+    def __init__(self, *tasks: dict[str, Any], hands_out_next: bool = False) -> None:
         self.queue = list(tasks)
+        self.hands_out_next = hands_out_next
         self.calls: list[tuple[str, dict[str, Any] | None, bool]] = []
         self.on_call: Callable[[str], None] | None = None
         self.refuse_results = False
@@ -49,6 +52,8 @@ class FakeCore:
             return self.queue.pop(0) if self.queue else None
         if method.endswith("/result") and self.refuse_results:
             raise RpcCallError("conflict", "task is not in progress")
+        if method.endswith("/result") and self.hands_out_next and params and params.get("next"):
+            return {"status": params["status"], "next_task": self.queue.pop(0) if self.queue else None}
         return {}
 
     def results(self) -> list[tuple[str, dict[str, Any] | None]]:
@@ -84,6 +89,7 @@ async def test_handler_outcomes_map_to_reports() -> None:
         "status": "succeeded",
         "result": {"echo": {"a": 1}},
         "error": None,
+        "next": False,
     }
     assert (await run_handler(nothing, ctx)).status == "succeeded"
     rejected = await run_handler(refuse, ctx)
@@ -127,13 +133,37 @@ async def test_pull_runs_tasks_until_null_and_reports_each() -> None:
     ]
     # tasks/next and result reports are retried until answered.
     assert all(until for _, _, until in core.calls)
-    assert core.results()[0][1] == {"status": "succeeded", "result": {"v": 1}, "error": None}
+    # Every report asks for the next task; this core does not know `next`, so the device pulls.
+    assert core.results()[0][1] == {"status": "succeeded", "result": {"v": 1}, "error": None, "next": True}
     assert core.results()[1][1] == {
         "status": "rejected",
         "result": None,
         "error": {"message": "no handler for method nope"},
+        "next": True,
     }
     assert (stats.tasks_succeeded, stats.tasks_rejected, stats.tasks_done) == (2, 1, 3)
+
+
+@pytest.mark.asyncio
+async def test_a_result_reply_that_hands_out_the_next_task_saves_the_pulls() -> None:
+    first, second = task_dict("echo", {"v": 1}), task_dict("echo", {"v": 2})
+    core = FakeCore(first, second, hands_out_next=True)
+    stats = DeviceStats()
+    worker = TaskWorker(core, stats)
+
+    async def echo(ctx: TaskContext) -> dict[str, Any]:
+        return ctx.params
+
+    worker.add_handler("echo", echo)
+    assert await worker.pull() == 2
+    # One pull; the first report's reply hands out the second task, the second's says none is left.
+    assert [m for m, _, _ in core.calls] == [
+        "tasks/next",
+        f"tasks/{first['id']}/result",
+        f"tasks/{second['id']}/result",
+    ]
+    assert [p["result"] for _, p in core.results() if p] == [{"v": 1}, {"v": 2}]
+    assert stats.tasks_succeeded == 2
 
 
 @pytest.mark.asyncio
@@ -233,10 +263,38 @@ async def test_a_task_handed_back_after_its_report_is_not_run_twice() -> None:
     assert await worker.pull() == 1
     assert runs == 1
     # The first repeat gets the same report again; the second ends the round.
-    assert [p for _, p in core.results()] == [{"status": "succeeded", "result": {"v": 1}, "error": None}] * 2
+    assert [p for _, p in core.results()] == [
+        {"status": "succeeded", "result": {"v": 1}, "error": None, "next": True}
+    ] * 2
     assert (stats.tasks_succeeded, stats.reports_resent) == (1, 1)
 
     # A new attempt of the same task (re-queued after its deadline) runs again.
     core.queue.append({**task, "attempt": 2})
     assert await worker.pull() == 1
     assert runs == 2
+
+
+@pytest.mark.asyncio
+async def test_a_core_that_refuses_next_gets_the_report_without_it_and_the_device_pulls() -> None:
+    task = task_dict("echo")
+    core = FakeCore(task)
+
+    async def refuse_next(method: str, params: dict[str, Any] | None = None, *, until_answered: bool = False) -> Any:
+        if method.endswith("/result") and params and params.get("next"):
+            core.calls.append((method, params, until_answered))
+            raise RpcCallError("invalid", "next: Extra inputs are not permitted")
+        return await FakeCore.__call__(core, method, params, until_answered=until_answered)
+
+    stats = DeviceStats()
+    worker = TaskWorker(refuse_next, stats)
+
+    async def echo(ctx: TaskContext) -> dict[str, Any]:
+        return ctx.params
+
+    worker.add_handler("echo", echo)
+    assert await worker.pull() == 1
+    assert [(m, p["next"]) for m, p in core.results() if p] == [
+        (f"tasks/{task['id']}/result", v) for v in (True, False)
+    ]
+    assert [m for m, _, _ in core.calls][-1] == "tasks/next"
+    assert (stats.tasks_succeeded, stats.reports_refused) == (1, 0)

@@ -337,3 +337,32 @@ async def test_a_nul_character_postgresql_cannot_store_is_refused_as_invalid(
     assert config.status_code == 422, config.text
     listed = await app_client.get("/tasks", params={"device_id": creds.device_id})
     assert listed.json()["items"] == []
+
+
+async def test_a_result_with_next_hands_out_the_next_task_and_one_without_does_not(
+    app_client: httpx.AsyncClient, device: tuple[DeviceCredentials, RawDevice]
+) -> None:
+    creds, dev = device
+    first = await create(app_client, creds.device_id)
+    second = await create(app_client, creds.device_id)
+    third = await create(app_client, creds.device_id)
+    assert (await dev.result(protocol.METHOD_TASKS_NEXT))["id"] == first["id"]
+
+    done = await dev.result(protocol.result_method(first["id"]), {"status": "succeeded", "next": True})
+    assert (done["id"], done["status"]) == (first["id"], "succeeded")
+    handed = done["next_task"]
+    assert (handed["id"], handed["status"]) == (second["id"], "in_progress")
+    # The reply was lost, say: the report is retried and answered again with the same task,
+    # and a pull hands out that same task too.
+    again = await dev.result(protocol.result_method(first["id"]), {"status": "succeeded", "next": True})
+    assert again["next_task"]["id"] == second["id"]
+    assert (await dev.result(protocol.METHOD_TASKS_NEXT))["id"] == second["id"]
+
+    # An older device's report (no `next`): the reply it always got, nothing handed out.
+    old = await dev.result(protocol.result_method(second["id"]), {"status": "succeeded"})
+    assert old["status"] == "succeeded"
+    assert "next_task" not in old
+    assert (await get(app_client, third["id"]))["status"] in ("queued", "sent")
+    assert (await dev.result(protocol.METHOD_TASKS_NEXT))["id"] == third["id"]
+    last = await dev.result(protocol.result_method(third["id"]), {"status": "succeeded", "next": True})
+    assert last["next_task"] is None
