@@ -27,6 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from swarm_device.protocol import FINAL_STATUSES
 
 NAME_PATTERN = r"^[a-z][a-z0-9_.-]{0,63}$"
+# The largest value of a PostgreSQL `integer` column (versions, step ids).
+PG_INT_MAX = 2**31 - 1
 STEP_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
 # A recipient is an address or `@group`, a group of the definition's `recipients`.
 EMAIL_PATTERN = r"^[^@\s<>,;]+@[^@\s<>,;]+\.[^@\s<>,;]+$"
@@ -55,7 +57,7 @@ class HumanStep(_Step):
     role: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,63}$")
     outcomes: list[str] = Field(default=["done"], min_length=1)
     instructions: str | None = Field(default=None, max_length=4000)
-    deadline_s: int | None = Field(default=None, ge=1)
+    deadline_s: int | None = Field(default=None, ge=1, le=10 * 365 * 86400)
     on_deadline: str | None = Field(default=None, description="The outcome when the deadline passes.")
 
 
@@ -99,7 +101,9 @@ class JoinStep(_Step):
 class SubprocessStep(_Step):
     kind: Literal["subprocess"]
     definition: str = Field(pattern=NAME_PATTERN)
-    version: int | None = Field(default=None, ge=1, description="Default: the newest when the step starts.")
+    version: int | None = Field(
+        default=None, ge=1, le=PG_INT_MAX, description="Default: the newest when the step starts."
+    )
     input: dict[str, Any] = Field(default_factory=dict, description="A template over the instance data.")
 
 

@@ -10,7 +10,7 @@ from app.dependencies import Runtime, RuntimeDep, requires
 from app.errors import API_ERRORS, NOT_FOUND, problem_responses
 from app.pagination import decode_cursor, encode_cursor
 from app.processes import service
-from app.processes.definition import NAME_PATTERN
+from app.processes.definition import NAME_PATTERN, PG_INT_MAX
 from app.processes.schemas import (
     DefinitionCreate,
     DefinitionRead,
@@ -64,7 +64,7 @@ async def list_versions(name: NamePath, runtime: RuntimeDep, _: Reader) -> list[
 
 @router.get("/definitions/{name}/versions/{version}", responses=NOT_FOUND)
 async def get_version(
-    name: NamePath, version: Annotated[int, Path(ge=1)], runtime: RuntimeDep, _: Reader
+    name: NamePath, version: Annotated[int, Path(ge=1, le=PG_INT_MAX)], runtime: RuntimeDep, _: Reader
 ) -> DefinitionRead:
     return await service.get_definition(_deps(runtime), name, version)
 
@@ -123,7 +123,11 @@ async def cancel_instance(instance_id: uuid.UUID, runtime: RuntimeDep, principal
 
 @router.post("/instances/{instance_id}/steps/{step_id}/complete", responses=problem_responses(404, 409))
 async def complete_step(
-    instance_id: uuid.UUID, step_id: int, body: StepComplete, runtime: RuntimeDep, principal: Worker
+    instance_id: uuid.UUID,
+    step_id: Annotated[int, Path(ge=1, le=PG_INT_MAX)],
+    body: StepComplete,
+    runtime: RuntimeDep,
+    principal: Worker,
 ) -> InstanceDetail:
     """Complete an open human step with one of its outcomes; the token needs the step's role
     (scope `role:<name>`). A step already completed answers 409."""

@@ -8,7 +8,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.processes.definition import NAME_PATTERN, Definition
+from app.processes.definition import NAME_PATTERN, PG_INT_MAX, Definition
 from swarm_device.protocol import DEVICE_ID_PATTERN, TaskStatus
 
 
@@ -34,7 +34,7 @@ class InstanceCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     definition: str = Field(pattern=NAME_PATTERN)
-    version: int | None = Field(default=None, ge=1, description="Default: the newest version.")
+    version: int | None = Field(default=None, ge=1, le=PG_INT_MAX, description="Default: the newest version.")
     device_id: str | None = Field(default=None, pattern=DEVICE_ID_PATTERN)
     input: dict[str, Any] = Field(default_factory=dict)
 
