@@ -85,7 +85,7 @@ class NotifyStep(_Step):
 
 class TimerStep(_Step):
     kind: Literal["timer"]
-    wait_s: float = Field(ge=0)
+    wait_s: float = Field(ge=0, le=10 * 365 * 86400)
 
 
 class ParallelStep(_Step):
