@@ -88,6 +88,17 @@ class DeviceTap:
         """A position in the record: `since(mark)` and `wait_for(..., after=mark)` look past it."""
         return len(self.seen)
 
+    async def quiet_for(self, quiet_s: float, within_s: float) -> bool:
+        """Wait until nothing has passed for `quiet_s` (at most `within_s`); False if it never went quiet."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within_s
+        while loop.time() < deadline:
+            last = self.seen[-1].at if self.seen else 0.0
+            if loop.time() - last >= quiet_s:
+                return True
+            await asyncio.sleep(0.1)
+        return False
+
     def since(self, mark: int, match: Callable[[Seen], bool] = lambda _: True) -> list[Seen]:
         return [seen for seen in self.seen[mark:] if match(seen)]
 
