@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import os
 import platform
 import signal
@@ -28,7 +29,7 @@ import uvloop
 
 from bench import connections, fairness, fleet, intake, plans, processes, raw, roundtrip, scale
 from bench.env import ROOT, Stack, busy_percent, fresh_database, measured_commit, running_app, start_services
-from bench.progress import Progress
+from bench.progress import Progress, print_waits
 
 SECTIONS = ("raw", "intake", "roundtrip", "scale", "connections", "fairness", "processes")
 RESULTS_DIR = ROOT / "bench-results"
@@ -36,6 +37,8 @@ FLEET_PREFIX = "b-"
 # Before anything starts, the machine is watched this long: a run on a busy box measures its
 # neighbours too, and says so.
 BUSY_SAMPLE_S = 2.0
+# What a stopped run may take to stop the app (30 s) and the simulators (60 s) it started.
+STOP_GRACE_S = 120.0
 
 # (full, short) defaults of every sized parameter.
 DEFAULTS: dict[str, tuple[float, float]] = {
@@ -81,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-ask-next", action="store_true", help="roundtrip: devices report results without `next` (older SDKs)"
     )
     parser.add_argument("--flood-method", default="tasks/next", help="fairness: the method the flooding device sends")
+    parser.add_argument(
+        "--deadline-s", type=float, default=None, help="stop the run (and say where it was) after this many seconds"
+    )
     parser.add_argument("--output", type=Path, default=None, help="JSON file (default: bench-results/<time>.json)")
     parser.add_argument(
         "--busy-threshold",
@@ -565,14 +571,28 @@ def print_table(results: dict[str, Any]) -> None:
         print(f"  {verdict:<22} {target['target']} (measured: {target['measured']})")
 
 
-async def _stoppable(work: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
-    """`work`, cancelled on SIGINT or SIGTERM so that the app and the simulators it started (in
-    sessions of their own) are stopped on the way out; under uvloop a plain SIGINT went unheard."""
+async def _stoppable(work: Coroutine[Any, Any, dict[str, Any]], deadline_s: float | None) -> dict[str, Any]:
+    """`work`, cancelled on SIGINT or SIGTERM or past `deadline_s`, so that the app and the
+    simulators it started (in sessions of their own) are stopped on the way out; under uvloop a
+    plain SIGINT went unheard. A stopped run first prints what each of its tasks was waiting on."""
     task = asyncio.ensure_future(work)
     loop = asyncio.get_running_loop()
+
+    def stop(reason: str) -> None:
+        print_waits(reason)
+        task.cancel(reason)
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, task.cancel)
-    return await task
+        loop.add_signal_handler(signum, stop, signal.Signals(signum).name)
+    if deadline_s is None:
+        return await task
+    loop.call_later(deadline_s, stop, f"past the {deadline_s:.0f} s deadline")
+    # A loop that stopped turning cancels nothing: then every thread's stack, and exit.
+    faulthandler.dump_traceback_later(deadline_s + STOP_GRACE_S, exit=True)
+    try:
+        return await task
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -581,7 +601,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     # uvloop: the load generator must cost as little CPU as it can on a box it shares with the app.
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        results = runner.run(_stoppable(run(args, progress)))
+        try:
+            results = runner.run(_stoppable(run(args, progress), args.deadline_s))
+        except asyncio.CancelledError as stopped:
+            progress.say("stopped", f"{stopped}; what it started was stopped")
+            return 3
     results["meta"]["wall_s"] = round(time.monotonic() - started, 1)
     output = args.output or RESULTS_DIR / f"{results['meta']['started_at']}-{results['meta']['mode']}.json"
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -25,6 +26,7 @@ from app.settings import Settings
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DATABASE = "swarm_bench"
 APP_START_TIMEOUT_S = 60.0
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,13 @@ class AppProcesses:
         ]
         with self._log_file.open("ab") as log:
             self._process = subprocess.Popen(  # noqa: ASYNC220 - returns at once
-                command_line, cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True
+                command_line,
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                preexec_fn=die_with_harness,
             )
         await self._wait_ready()
 
@@ -252,6 +260,25 @@ async def busy_percent(sample_s: float) -> float:
 
 def python_command(*module_and_args: str) -> list[str]:
     return [sys.executable, "-m", *module_and_args]
+
+
+async def stop_process(process: asyncio.subprocess.Process, timeout_s: float) -> None:
+    """SIGTERM, and SIGKILL if it is still there after `timeout_s`."""
+    if process.returncode is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), timeout_s)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+
+def die_with_harness() -> None:
+    """`preexec_fn` of what the harness starts in a session of its own (so that a Ctrl-C reaches
+    only the harness, which stops it in order): SIGTERM when the harness dies, however it dies, so
+    that a killed run leaves no app holding the stack's port and no devices consuming its queues."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class CpuMeter:

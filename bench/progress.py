@@ -1,4 +1,5 @@
-"""The progress display: a line per step, and a ticker line every few seconds while a step runs."""
+"""The progress display: a line per step, a ticker line every few seconds while a step runs, and
+what every task waits on when a run is stopped or overruns its deadline."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 
 class Progress:
@@ -44,3 +46,24 @@ def percentiles_ms(samples_s: list[float]) -> dict[str, float]:
         return round(ordered[min(len(ordered) - 1, max(0, int(p * len(ordered) + 0.5) - 1))] * 1000, 2)
 
     return {"count": len(ordered), "p50": rank(0.50), "p95": rank(0.95), "p99": rank(0.99), "max": rank(1.0)}
+
+
+def print_waits(reason: str) -> None:
+    """Each running task's chain of awaits, innermost last, to stderr: where a stuck run is stuck.
+    (`Task.print_stack` shows only the outermost frame of a suspended coroutine.)"""
+    print(f"\n--- {reason}: what each task of the harness is waiting on ---", file=sys.stderr)
+    for task in asyncio.all_tasks():
+        print(f"{task.get_name()}:", file=sys.stderr)
+        for line in _await_chain(task.get_coro()):
+            print(f"    {line}", file=sys.stderr)
+    sys.stderr.flush()
+
+
+def _await_chain(coro: Any) -> list[str]:
+    lines = []
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            lines.append(f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return lines

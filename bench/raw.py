@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 import asyncio
-import signal
+import contextlib
 import time
 import uuid
 from typing import Any
@@ -28,12 +28,13 @@ from yarl import URL
 
 from app.broker import AMQ_TOPIC, ConfirmedPublisher, Outgoing, tls_context
 from app.settings import Settings
-from bench.env import ROOT, python_command
+from bench.env import ROOT, die_with_harness, python_command, stop_process
 from bench.fleet import Fleet
 from bench.progress import Progress, percentiles_ms
 from swarm_device.protocol import notify_topic, reply_topic
 
 RAW_DEVICE = "bench-raw"
+STOP_TIMEOUT_S = 30.0
 _INSERT = """
 INSERT INTO tasks (id, device_id, method, params, status, priority, attempt, max_attempts, timeout_s, version,
                    created_at, updated_at, notice_due_at)
@@ -155,6 +156,7 @@ async def roundtrip_ceiling(
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
         start_new_session=True,
+        preexec_fn=die_with_harness,
     )
     try:
         assert process.stdout is not None
@@ -167,10 +169,10 @@ async def roundtrip_ceiling(
             await asyncio.sleep(duration_s)
         counting, elapsed = False, time.monotonic() - started
     finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-        await process.wait()
-        await connection.close()
+        await stop_process(process, STOP_TIMEOUT_S)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(STOP_TIMEOUT_S):
+                await connection.close()
         await publisher.close()
     return {
         "devices": devices,

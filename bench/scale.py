@@ -29,6 +29,8 @@ TASKS_PER_DEVICE = 10
 LOAD_CHUNK_DEVICES = 10_000
 # The first calls warm the app's caches, its pool and the connection.
 WARM_UP_CALLS = 50
+# The probe connects and says hello before its calls are timed.
+READY_TIMEOUT_S = 60.0
 # Loaded devices whose number gives them a queued task (n % 5 == 0), and a task in progress and a
 # queued one (n % 50 == 0): see _LOAD_TASKS.
 PENDING_DEVICE = f"{PREFIX}5"
@@ -111,7 +113,8 @@ async def pull_latency(settings: Settings, fleet: Fleet, device_id: str, calls: 
     )
     samples: list[float] = []
     async with client:
-        await client.ready.wait()
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            await client.ready.wait()
         for _ in range(calls + WARM_UP_CALLS):
             # The SDK's own pace (decision 46): never a wait inside the timed call.
             await asyncio.sleep(1 / REQUESTS_PER_S)

@@ -6,16 +6,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from app.settings import Settings
-from bench.env import ROOT, python_command
+from bench.env import ROOT, die_with_harness, python_command, stop_process
 from bench.fleet import Fleet
 
 _STATUS = re.compile(rb"connected (\d+) ready (\d+).* failures (\d+)")
 _FLOODED = re.compile(rb"flooded (\d+)")
+# A simulator says goodbye to thousands of connections on SIGTERM: give it time before SIGKILL.
+STOP_TIMEOUT_S = 60.0
 
 
 class Simulator:
@@ -64,20 +65,10 @@ class Simulator:
                 self._flooded[index] = int(match[1])
 
     async def stop(self) -> None:
-        await asyncio.gather(*(_stop(process) for process in self.processes))
+        await asyncio.gather(*(stop_process(process, STOP_TIMEOUT_S) for process in self.processes))
         for reader in self._readers:
             reader.cancel()
         await asyncio.gather(*self._readers, return_exceptions=True)
-
-
-async def _stop(process: asyncio.subprocess.Process) -> None:
-    if process.returncode is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(process.wait(), 60)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
 
 
 @contextlib.asynccontextmanager
@@ -123,12 +114,17 @@ async def simulating(
                 )
                 started.append(
                     await asyncio.create_subprocess_exec(
-                        *args, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=log, start_new_session=True
+                        *args,
+                        cwd=ROOT,
+                        stdout=asyncio.subprocess.PIPE,
+                        stderr=log,
+                        start_new_session=True,
+                        preexec_fn=die_with_harness,
                     )
                 )
         simulator = Simulator(started)
     except BaseException:
-        await asyncio.gather(*(_stop(process) for process in started))
+        await asyncio.gather(*(stop_process(process, STOP_TIMEOUT_S) for process in started))
         raise
     try:
         yield simulator
