@@ -19,10 +19,11 @@ from app.settings import Settings
 from bench.fleet import Fleet, purge_queues
 from bench.progress import Progress
 from bench.roundtrip import round_trips, wait_ready
-from bench.simulator import simulating
+from bench.simulator import Simulator, simulating
 
 # The flood is under way (past its hello) when the victims' tasks are offered: they meet it from its start.
 FLOOD_HEAD_START_S = 0.5
+FLOOD_START_TIMEOUT_S = 60.0
 
 
 async def run(
@@ -48,7 +49,7 @@ async def run(
         async with simulating(
             settings, fleet, 1, connect_rate=1, log_file=log_file, first=victims + 1, flood=flood_method
         ) as flood:
-            await wait_ready(flood, 1, 60, "fairness", progress)
+            await _flooding(flood, FLOOD_START_TIMEOUT_S)
             started, sent_before = time.monotonic(), flood.flooded
             await asyncio.sleep(FLOOD_HEAD_START_S)
             progress.say("fairness", f"{flooder} floods {flood_method} ({flood.flooded} sent so far); same load again")
@@ -75,6 +76,15 @@ async def run(
         "flooded": flooded,
         "p99_ratio": round(ratio, 2) if ratio is not None else None,
     }
+
+
+async def _flooding(flood: Simulator, timeout_s: float) -> None:
+    """Until the flooding device has sent its first requests. Not until it is ready: the core may
+    block it (and close its connection) before a status line of the simulator shows it ready."""
+    async with asyncio.timeout(timeout_s):
+        while flood.flooded == 0:
+            flood.check_running()
+            await asyncio.sleep(0.1)
 
 
 async def _last_limited_at(dsn: str, device_id: str) -> object:
