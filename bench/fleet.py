@@ -23,6 +23,8 @@ from app.broker import create_broker
 from app.devices.broker_admin import device_permissions, device_topic_permissions, device_user_limits
 from app.settings import Settings
 
+PURGE_TIMEOUT_S = 60.0
+
 
 @dataclass(frozen=True)
 class Fleet:
@@ -110,12 +112,14 @@ async def purge_queues(settings: Settings) -> int:
     if not stale:
         return 0
     core = create_broker(broker)
-    await core.connect()
     purged = 0
     try:
-        for name in stale:
-            queue = await core.declare_queue(RabbitQueue(name, declare=False))
-            purged += (await queue.purge()).message_count or 0
+        # Bounded: a connection the broker refuses (a limit on the core's user) is retried forever.
+        async with asyncio.timeout(PURGE_TIMEOUT_S):
+            await core.connect()
+            for name in stale:
+                queue = await core.declare_queue(RabbitQueue(name, declare=False))
+                purged += (await queue.purge()).message_count or 0
     finally:
         await core.stop()
     return purged
