@@ -286,8 +286,9 @@ async def cancel(kit: Kit) -> RuleResult:
     saw = [f"sleep task {task_id} {taken['status']}"]
     if taken["status"] != TaskStatus.IN_PROGRESS:
         return RuleResult("cancel", False, saw)
-    response = await kit.api.post(f"/tasks/{task_id}/cancel")
+    # Marked before the request: the core may send the notice before its answer reaches us.
     start, at = kit.tap.mark(), asyncio.get_running_loop().time()
+    response = await kit.api.post(f"/tasks/{task_id}/cancel")
     notify = protocol.notify_topic(kit.device_id)
     notice = await kit.tap.wait_for(lambda s: s.topic == notify and "task_canceled" in str(s.json), start, 10)
     # A report already on its way when the notice arrived is fine; one after a second is not.
